@@ -1,0 +1,1 @@
+"""Countersign: a self-hosted server for AI-agent conversations."""

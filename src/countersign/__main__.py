@@ -1,0 +1,5 @@
+"""``python -m countersign`` runs the CLI."""
+
+from countersign.cli import main
+
+main()

@@ -1,0 +1,106 @@
+"""The one mapping of errors to HTTP: every error is ``{"error": {code, message, detail}}``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from countersign.domain.errors import (
+    Conflict,
+    CountersignError,
+    InvalidInput,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
+
+logger = logging.getLogger("countersign.api")
+
+_STATUS: list[tuple[type[CountersignError], int]] = [
+    (NotFound, 404),
+    (Conflict, 409),
+    (InvalidInput, 422),
+    (Unauthenticated, 401),
+    (Unavailable, 503),
+]
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    detail: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """A JSON error in the one envelope."""
+    body = {"error": {"code": code, "message": message, "detail": jsonable_encoder(detail)}}
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def status_for(error: CountersignError) -> int:
+    """The HTTP status for a domain error."""
+    for kind, status in _STATUS:
+        if isinstance(error, kind):
+            return status
+    return 500
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error through the envelope."""
+
+    @app.exception_handler(CountersignError)
+    async def _domain(_request: Request, exc: CountersignError) -> JSONResponse:
+        status = status_for(exc)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if status == 503:
+            headers = {"Retry-After": "1"}
+        return error_response(status, exc.code, exc.message, exc.detail, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [_problem(error) for error in exc.errors()]
+        first = problems[0] if problems else {"field": "", "message": "is invalid"}
+        message = f"{first['field'] or 'request'}: {first['message']}"
+        return error_response(422, "invalid_input", message, problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        if exc.status_code == 404 and message == "Not Found":
+            message = "no such path"
+        return error_response(exc.status_code, code, message, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error", exc_info=exc)
+        return error_response(500, "internal_error", "an unexpected error happened")
+
+
+def _problem(error: Any) -> dict[str, str]:
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
+    return {"field": ".".join(location), "message": message, "type": str(error.get("type", ""))}

@@ -1,0 +1,105 @@
+"""Request metrics and access logs, as plain ASGI middleware.
+
+Metrics live in a registry of the application's own (not the process-wide default), so that
+several apps in one process (tests) do not clash.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from countersign.db.engine import PoolStatus
+
+access_logger = logging.getLogger("countersign.access")
+
+
+class PoolCollector(Collector):
+    """Exports the database pool's size, checked-out connections and overflow."""
+
+    def __init__(self, status: Callable[[], PoolStatus]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterable[Metric]:
+        """Read the pool now."""
+        status = self._status()
+        for name, value, text in (
+            ("countersign_db_pool_size", status.size, "Connections the pool keeps."),
+            ("countersign_db_pool_checked_out", status.checked_out, "Connections in use."),
+            ("countersign_db_pool_overflow", status.overflow, "Connections beyond the pool size."),
+            ("countersign_db_pool_checked_in", status.checked_in, "Idle pooled connections."),
+        ):
+            yield GaugeMetricFamily(name, text, value=value)
+
+
+class Metrics:
+    """The application's Prometheus registry and its request metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "countersign_http_requests",
+            "HTTP requests by route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "countersign_http_request_duration_seconds",
+            "Time to the end of the response, by route.",
+            ["method", "route"],
+            registry=self.registry,
+        )
+
+    def watch_pool(self, status: Callable[[], PoolStatus]) -> None:
+        """Export the pool's gauges."""
+        self.registry.register(PoolCollector(status))
+
+
+class ObservabilityMiddleware:
+    """Counts and times every HTTP request, and writes one access-log line for it."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status_code = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.requests.labels(method, route, str(status_code)).inc()
+            self.metrics.latency.labels(method, route).observe(elapsed)
+            access_logger.info(
+                "%s %s %s %.1fms",
+                method,
+                scope["path"],
+                status_code,
+                elapsed * 1000,
+                extra={
+                    "method": method,
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status_code,
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
+            )

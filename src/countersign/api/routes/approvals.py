@@ -1,0 +1,33 @@
+"""``/sessions/{id}/pending-approvals``: tool calls that wait for a person."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter
+
+from countersign.api.deps import CurrentUser, Services
+from countersign.api.routes.sessions import NOT_FOUND, Cursor, Limit
+from countersign.api.schemas import ApprovalOut, Page
+from countersign.domain.models import SessionId
+from countersign.services import sessions
+
+router = APIRouter(prefix="/sessions/{session_id}", tags=["approvals"])
+
+
+@router.get("/pending-approvals", responses=NOT_FOUND)
+async def list_pending_approvals(
+    session_id: uuid.UUID,
+    user: CurrentUser,
+    services: Services,
+    cursor: Cursor = None,
+    limit: Limit = 50,
+) -> Page[ApprovalOut]:
+    """Your session's pending approvals (maybe none); 404 if the session is missing or not yours."""
+    page = await sessions.list_pending_approvals(
+        services, actor=user.id, session_id=SessionId(session_id), cursor=cursor, limit=limit
+    )
+    return Page[ApprovalOut](
+        items=[ApprovalOut.model_validate(item) for item in page.items],
+        next_cursor=page.next_cursor,
+    )

@@ -1,0 +1,115 @@
+"""Request and response bodies: ``<Noun>Create``, ``<Noun>Update``, ``<Noun>Out``, ``Page``."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Generic, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from countersign.domain.models import (
+    TITLE_MAX_LENGTH,
+    ApprovalStatus,
+    MessageRole,
+    SessionStatus,
+)
+
+T = TypeVar("T")
+
+
+class Strict(BaseModel):
+    """A request body: unknown fields are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Out(BaseModel):
+    """A response body, built from a domain object's attributes."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list; pass ``next_cursor`` as ``?cursor=`` for the next (null at the end)."""
+
+    items: list[T]
+    next_cursor: str | None
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable ``code``, a sentence, and optional structured detail."""
+
+    code: str
+    message: str
+    detail: Any = None
+
+
+class ErrorBody(BaseModel):
+    """Every error response has this shape."""
+
+    error: ErrorDetail
+
+
+class UserOut(Out):
+    """A user."""
+
+    id: uuid.UUID
+    email: str
+    created_at: datetime
+
+
+class SessionCreate(Strict):
+    """A new session; without ``agent_id`` it uses the server's default agent."""
+
+    agent_id: uuid.UUID | None = None
+    title: str | None = Field(default=None, max_length=TITLE_MAX_LENGTH)
+
+
+class SessionUpdate(Strict):
+    """New values for a session; at least one field."""
+
+    title: str | None = Field(default=None, max_length=TITLE_MAX_LENGTH)
+    status: SessionStatus | None = None
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> Self:
+        if self.title is None and self.status is None:
+            raise ValueError("give at least one of title or status")
+        return self
+
+
+class SessionOut(Out):
+    """A conversation."""
+
+    id: uuid.UUID
+    title: str
+    agent_id: uuid.UUID
+    status: SessionStatus
+    created_at: datetime
+    updated_at: datetime
+
+
+class MessageOut(Out):
+    """One message of a session."""
+
+    id: uuid.UUID
+    seq: int
+    role: MessageRole
+    content: str
+    run_id: uuid.UUID | None
+    created_at: datetime
+
+
+class ApprovalOut(Out):
+    """A tool call waiting for, or given, a person's decision."""
+
+    id: uuid.UUID
+    run_id: uuid.UUID
+    tool: str
+    arguments: dict[str, Any]
+    status: ApprovalStatus
+    decided_by: uuid.UUID | None
+    decided_at: datetime | None
+    reason: str | None
+    expires_at: datetime

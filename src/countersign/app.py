@@ -1,0 +1,117 @@
+"""The composition root: ``create_app(settings)`` builds the FastAPI application.
+
+The lifespan opens the engine, passes the start-up gate (SPEC invariant 7), makes the default
+agent and hands the services bundle to the routes. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+from asgi_correlation_id import CorrelationIdMiddleware
+from fastapi import FastAPI
+
+from countersign.api.errors import install_error_handlers
+from countersign.api.observability import Metrics, ObservabilityMiddleware
+from countersign.api.routes import approvals, me, messages, ops, sessions
+from countersign.config import Settings
+from countersign.db.doctor import readiness, startup_gate
+from countersign.db.engine import create_engine, create_session_factory, pool_status
+from countersign.db.uow import unit_of_work_factory
+from countersign.domain.models import SystemClock
+from countersign.services import ServiceDeps
+from countersign.services.agents import ensure_default_agent
+
+API_PREFIX = "/api/v1"
+logger = logging.getLogger("countersign")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The Countersign ASGI application for these settings."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await startup_gate(settings)
+        engine = create_engine(settings)
+        try:
+            services = ServiceDeps(
+                uow_factory=unit_of_work_factory(
+                    create_session_factory(engine), is_sqlite=settings.is_sqlite
+                ),
+                clock=SystemClock(),
+                settings=settings,
+            )
+            await ensure_default_agent(services)
+            app.state.services = services
+            app.state.readiness = partial(readiness, engine)
+            metrics.watch_pool(partial(pool_status, engine))
+            logger.info("countersign ready", extra={"profile": settings.profile.value})
+            yield
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Countersign",
+        version="0.1.0",
+        summary="Agent conversations with streamed replies and durable human approvals.",
+        lifespan=lifespan,
+        max_body_size=settings.max_request_bytes,
+    )
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    for router in (sessions.router, messages.router, approvals.router, me.router):
+        app.include_router(router, prefix=API_PREFIX)
+    app.include_router(ops.router)
+    # Added last runs first: the request id is set before the access log line is written.
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+    app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
+    return app
+
+
+def configure_logging(settings: Settings) -> None:
+    """Logs to stderr, as text or JSON, each line with the request id when there is one."""
+    formatter = (
+        {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s %(correlation_id)s",
+            "rename_fields": {
+                "asctime": "time",
+                "levelname": "level",
+                "name": "logger",
+                "correlation_id": "request_id",
+            },
+        }
+        if settings.log_format == "json"
+        else {"format": "%(asctime)s %(levelname)-7s [%(correlation_id)s] %(name)s: %(message)s"}
+    )
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "filters": {
+                "correlation_id": {
+                    "()": "asgi_correlation_id.CorrelationIdFilter",
+                    "default_value": "-",
+                }
+            },
+            "formatters": {"default": formatter},
+            "handlers": {
+                "stderr": {
+                    "class": "logging.StreamHandler",
+                    "formatter": "default",
+                    "filters": ["correlation_id"],
+                }
+            },
+            "root": {"handlers": ["stderr"], "level": settings.log_level},
+            "loggers": {
+                "uvicorn.access": {"level": "WARNING"},
+                "sqlalchemy": {"level": "WARNING"},
+                "alembic": {"level": "WARNING"},
+            },
+        }
+    )

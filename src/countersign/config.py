@@ -1,0 +1,153 @@
+"""Settings: the only reader of the environment (``COUNTERSIGN_*`` variables and ``.env``).
+
+``load_settings()`` turns every invalid value into a ``ConfigError`` whose message is one
+sentence naming the variable, so that the CLI can print it and exit with code 2.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from countersign.domain.errors import ConfigError
+
+ENV_PREFIX = "COUNTERSIGN_"
+DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./countersign.db"
+
+_SCHEMES = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+
+
+class Profile(StrEnum):
+    """How strict start-up is: ``dev`` migrates by itself; ``prod`` refuses an unmigrated DB."""
+
+    DEV = "dev"
+    PROD = "prod"
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set; each field is ``COUNTERSIGN_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    database_url: str = DEFAULT_SQLITE_URL
+    """SQLAlchemy URL; ``postgresql://`` and ``sqlite:///`` are accepted and given async drivers."""
+    profile: Profile = Profile.DEV
+    secret_key: SecretStr | None = None
+    """Required in ``prod``; signs cookies and CSRF tokens."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    default_model: str = "demo"
+    open_registration: bool | None = None
+    """Whether ``POST /auth/register`` is open; defaults to open in ``dev``, closed in ``prod``."""
+
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    db_pool_size: int = Field(default=10, ge=1, le=1000)
+    db_max_overflow: int = Field(default=10, ge=0, le=1000)
+    db_pool_timeout: float = Field(default=10.0, gt=0, le=600)
+    """Seconds a request waits for a pooled connection before failing."""
+    db_statement_timeout_ms: int = Field(default=30_000, ge=0, le=3_600_000)
+    """PostgreSQL ``statement_timeout``; 0 disables it."""
+    db_connect_timeout: float = Field(default=10.0, gt=0, le=600)
+    sqlite_busy_timeout_ms: int = Field(default=5_000, ge=0, le=600_000)
+
+    approval_ttl_seconds: int = Field(default=86_400, ge=1)
+    """How long a pending approval waits before it expires (SPEC invariant 9)."""
+    max_request_bytes: int = Field(default=1_048_576, ge=1_024)
+    """Requests with a larger body are refused with 413."""
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_database_url(cls, value: str) -> str:
+        return normalise_database_url(value)
+
+    @model_validator(mode="after")
+    def _prod_needs_secret(self) -> Settings:
+        if self.profile is Profile.PROD and (
+            self.secret_key is None or len(self.secret_key.get_secret_value()) < 32
+        ):
+            raise ValueError(
+                "the prod profile needs COUNTERSIGN_SECRET_KEY set to at least 32 characters"
+            )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True when the database is an embedded SQLite file."""
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def registration_open(self) -> bool:
+        """Open registration: explicit setting, else open in dev and closed in prod."""
+        if self.open_registration is not None:
+            return self.open_registration
+        return self.profile is Profile.DEV
+
+
+def normalise_database_url(value: str) -> str:
+    """Give a database URL its async driver, or raise ValueError saying what is wrong."""
+    value = value.strip()
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        raise ValueError(
+            "is not a database URL; expected e.g. postgresql://user:password@host:5432/db "
+            "or sqlite:///./countersign.db"
+        )
+    driver = _SCHEMES.get(scheme.lower())
+    if driver is None:
+        raise ValueError(f"uses the unsupported scheme {scheme!r}; use postgresql:// or sqlite:///")
+    if driver.startswith("sqlite"):
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError("needs a file path after sqlite:///, e.g. sqlite:///./countersign.db")
+    else:
+        try:
+            parts = urlsplit(f"postgresql://{rest}")
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"is malformed ({exc})") from None
+        if not parts.hostname and "host=" not in (parts.query or ""):
+            raise ValueError("names no host, e.g. postgresql://user:password@localhost:5432/db")
+        if port == 0:
+            raise ValueError("has port 0; use a port between 1 and 65535")
+    return f"{driver}://{rest}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment (and ``.env``), or raise ConfigError in one sentence."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    location = [str(part) for part in error.get("loc", ())]
+    message = str(error.get("msg", "is invalid"))
+    message = message.removeprefix("Value error, ")
+    if not location:
+        return f"Invalid configuration: {message}."
+    name = f"{ENV_PREFIX}{location[0].upper()}"
+    value = error.get("input")
+    hidden = "SECRET" in name or "DATABASE_URL" in name or isinstance(value, dict)
+    shown = "" if hidden else f" (got {value!r})"
+    if message.startswith(("is ", "uses ", "needs ", "names ", "has ")):
+        return f"{name} {message}{shown}."
+    return f"{name} is invalid: {message}{shown}."

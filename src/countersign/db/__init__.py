@@ -1,0 +1,1 @@
+"""The database: engine, tables, repositories, unit of work, migrations and the doctor."""

@@ -1,0 +1,127 @@
+"""The engine and session factory, built from Settings.
+
+SQLite: every connection gets ``foreign_keys=ON``, WAL and a ``busy_timeout``; the driver's
+own transaction handling is switched off so that a writing unit of work can start with
+``BEGIN IMMEDIATE`` (a deferred transaction that reads and then writes can fail with
+"database is locked" at once, without waiting). PostgreSQL: a sized pool with pre-ping and a
+statement timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
+
+from countersign.config import Settings
+
+IMMEDIATE = "countersign_immediate"
+"""Execution option: start this connection's transaction with BEGIN IMMEDIATE (SQLite)."""
+
+
+def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
+    """An AsyncEngine for the configured database."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_engine(url, settings)
+    return _postgres_engine(url, settings, pool_size=pool_size)
+
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """The factory units of work draw their ``db_session`` from."""
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+def safe_url(settings_or_url: Settings | str) -> str:
+    """The database URL with its password hidden, for messages and logs."""
+    raw = settings_or_url if isinstance(settings_or_url, str) else settings_or_url.database_url
+    return make_url(raw).render_as_string(hide_password=True)
+
+
+def parsed_url(settings: Settings) -> URL:
+    """The configured database URL, parsed."""
+    return make_url(settings.database_url)
+
+
+def _sqlite_engine(url: URL, settings: Settings) -> AsyncEngine:
+    engine = create_async_engine(
+        url,
+        connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
+        pool_pre_ping=False,
+    )
+    busy_timeout = settings.sqlite_busy_timeout_ms
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # Take transaction control away from the driver: SQLAlchemy's "begin" event below
+        # emits BEGIN itself, so that writers can ask for BEGIN IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout)}")
+            # A read-only file cannot switch journal mode; `db check` reports it.
+            with contextlib.suppress(sqlite3.OperationalError):
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        immediate = connection.get_execution_options().get(IMMEDIATE, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _postgres_engine(url: URL, settings: Settings, *, pool_size: int | None) -> AsyncEngine:
+    server_settings = {"application_name": "countersign"}
+    if settings.db_statement_timeout_ms:
+        server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
+    return create_async_engine(
+        url,
+        pool_size=pool_size or settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={
+            "server_settings": server_settings,
+            "timeout": settings.db_connect_timeout,
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    """How the connection pool is used right now."""
+
+    size: int
+    checked_out: int
+    overflow: int
+    checked_in: int
+
+
+def pool_status(engine: AsyncEngine) -> PoolStatus:
+    """The pool's size, connections in use, overflow and idle connections."""
+    pool = engine.pool
+    if isinstance(pool, QueuePool):
+        return PoolStatus(
+            size=pool.size(),
+            checked_out=pool.checkedout(),
+            overflow=max(pool.overflow(), 0),
+            checked_in=pool.checkedin(),
+        )
+    return PoolStatus(size=0, checked_out=0, overflow=0, checked_in=0)

@@ -1,0 +1,120 @@
+"""UnitOfWork: one ``db_session``, one transaction, and the repositories that share it.
+
+``async with uow_factory() as uow: ...; await uow.commit()`` — leaving the block without a
+commit rolls back, and the session is closed either way, so no ORM row outlives the block.
+Driver errors that escape the block are translated into domain errors here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from countersign.db.engine import IMMEDIATE
+from countersign.db.repositories import (
+    AgentRepository,
+    ApiKeyRepository,
+    ApprovalRepository,
+    IdempotencyRepository,
+    MessageRepository,
+    SessionRepository,
+    UserRepository,
+    translate_error,
+)
+
+UnitOfWorkFactory = Callable[..., "UnitOfWork"]
+
+
+class UnitOfWork:
+    """One transaction and its repositories. Commit explicitly; anything else rolls back."""
+
+    users: UserRepository
+    api_keys: ApiKeyRepository
+    agents: AgentRepository
+    sessions: SessionRepository
+    messages: MessageRepository
+    approvals: ApprovalRepository
+    idempotency: IdempotencyRepository
+
+    def __init__(
+        self, session_factory: async_sessionmaker[AsyncSession], *, is_sqlite: bool, write: bool
+    ) -> None:
+        self._session_factory = session_factory
+        self._is_sqlite = is_sqlite
+        self._write = write
+        self._db_session: AsyncSession | None = None
+
+    async def __aenter__(self) -> Self:
+        db_session = self._session_factory()
+        self._db_session = db_session
+        try:
+            # Begin now, so that a SQLite writer takes its lock up front (BEGIN IMMEDIATE)
+            # and waits for it under busy_timeout instead of failing halfway through.
+            await db_session.connection(
+                execution_options={IMMEDIATE: self._is_sqlite and self._write}
+            )
+        except BaseException as exc:
+            await db_session.close()
+            self._db_session = None
+            if isinstance(exc, SQLAlchemyError | OSError):
+                raise translate_error(exc) from exc
+            raise
+        self.users = UserRepository(db_session)
+        self.api_keys = ApiKeyRepository(db_session)
+        self.agents = AgentRepository(db_session)
+        self.sessions = SessionRepository(db_session)
+        self.messages = MessageRepository(db_session)
+        self.approvals = ApprovalRepository(db_session)
+        self.idempotency = IdempotencyRepository(db_session)
+        return self
+
+    async def commit(self) -> None:
+        """Commit the transaction; on failure roll back explicitly and raise a domain error."""
+        db_session = self._require_session()
+        try:
+            await db_session.commit()
+        except (DBAPIError, PoolTimeoutError, OSError) as exc:
+            await db_session.rollback()
+            raise translate_error(exc) from exc
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        db_session = self._require_session()
+        self._db_session = None
+        rollback_error: SQLAlchemyError | OSError | None = None
+        try:
+            # A no-op after commit; otherwise it undoes everything this unit of work wrote.
+            await db_session.rollback()
+        except (SQLAlchemyError, OSError) as error:
+            rollback_error = error  # e.g. the connection died; the pool discards it
+        finally:
+            await db_session.close()
+        if isinstance(exc, SQLAlchemyError | OSError):
+            raise translate_error(exc) from exc
+        if exc is None and rollback_error is not None:
+            raise translate_error(rollback_error) from rollback_error
+
+    def _require_session(self) -> AsyncSession:
+        if self._db_session is None:
+            raise RuntimeError("the unit of work is not open")
+        return self._db_session
+
+
+def unit_of_work_factory(
+    session_factory: async_sessionmaker[AsyncSession], *, is_sqlite: bool
+) -> UnitOfWorkFactory:
+    """A callable that opens a UnitOfWork; ``write=False`` for read-only work."""
+
+    def open_unit_of_work(*, write: bool = True) -> UnitOfWork:
+        return UnitOfWork(session_factory, is_sqlite=is_sqlite, write=write)
+
+    return open_unit_of_work

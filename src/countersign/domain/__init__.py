@@ -1,0 +1,1 @@
+"""Plain domain values, events and errors: no I/O, no framework."""

@@ -1,0 +1,89 @@
+"""The one error tree: driver errors become these in ``db/``; ``api/errors.py`` maps them to HTTP.
+
+::
+
+    CountersignError
+    ├── NotFound                  a resource is missing or not the caller's (404)
+    ├── Conflict                  the request clashes with the current state (409)
+    │   └── AlreadyExists         a unique value is taken (409)
+    ├── InvalidInput              the request is well-formed but not acceptable (422)
+    │   └── IdempotencyKeyReused  an Idempotency-Key came back with another body (422)
+    ├── Unauthenticated           no or bad credentials (401)
+    ├── Unavailable               the database is busy or unreachable right now (503)
+    └── StartupError              the server cannot start; one sentence and a hint
+        └── ConfigError           a setting is invalid (CLI exit code 2)
+"""
+
+from __future__ import annotations
+
+
+class CountersignError(Exception):
+    """Base of every error Countersign raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, detail: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+class NotFound(CountersignError):
+    """The resource does not exist, or belongs to someone else (the two look the same)."""
+
+    code = "not_found"
+
+
+class Conflict(CountersignError):
+    """The request is valid but clashes with the current state."""
+
+    code = "conflict"
+
+
+class AlreadyExists(Conflict):
+    """A value that must be unique is already taken."""
+
+    code = "already_exists"
+
+
+class InvalidInput(CountersignError):
+    """The request is well-formed but its content is not acceptable."""
+
+    code = "invalid_input"
+
+
+class IdempotencyKeyReused(InvalidInput):
+    """The same Idempotency-Key was sent with a different request."""
+
+    code = "idempotency_key_reused"
+
+
+class Unauthenticated(CountersignError):
+    """Credentials are missing, unknown, expired or revoked."""
+
+    code = "unauthenticated"
+
+
+class Unavailable(CountersignError):
+    """The database could not serve the request right now; retrying may work."""
+
+    code = "unavailable"
+
+
+class StartupError(CountersignError):
+    """Start-up cannot reach a working state; ``message`` is one sentence, ``hint`` what to do."""
+
+    code = "startup_error"
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} {self.hint}".strip()
+
+
+class ConfigError(StartupError):
+    """A setting is invalid; the message names the variable."""
+
+    code = "config_error"

@@ -1,0 +1,275 @@
+"""Domain values: frozen dataclasses and enums with no I/O. This is what leaves a repository.
+
+Ids are UUIDv7 made by the application (time-ordered), so no database extension is needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Generic, NewType, Protocol, TypeVar
+
+from countersign.domain.errors import InvalidInput
+
+if sys.version_info >= (3, 14):  # pragma: no cover - exercised on 3.14 only
+    from uuid import uuid7 as _uuid7
+else:
+    from uuid_utils.compat import uuid7 as _uuid7
+
+UserId = NewType("UserId", uuid.UUID)
+ApiKeyId = NewType("ApiKeyId", uuid.UUID)
+AgentId = NewType("AgentId", uuid.UUID)
+SessionId = NewType("SessionId", uuid.UUID)
+MessageId = NewType("MessageId", uuid.UUID)
+RunId = NewType("RunId", uuid.UUID)
+ApprovalId = NewType("ApprovalId", uuid.UUID)
+
+JSONObject = dict[str, Any]
+T = TypeVar("T")
+
+
+def new_id() -> uuid.UUID:
+    """A fresh time-ordered UUIDv7."""
+    return uuid.UUID(bytes=_uuid7().bytes)
+
+
+class Clock(Protocol):
+    """Where services get the time; injected so tests can move it."""
+
+    def now(self) -> datetime: ...
+
+
+class SystemClock:
+    """The real clock, in UTC."""
+
+    def now(self) -> datetime:
+        """The current time with a UTC zone."""
+        return datetime.now(UTC)
+
+
+class SessionStatus(StrEnum):
+    """Whether a conversation is in use or put away."""
+
+    ACTIVE = "active"
+    ARCHIVED = "archived"
+
+
+class MessageRole(StrEnum):
+    """Who wrote a message."""
+
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+class RunStatus(StrEnum):
+    """Where one agent turn is: queued → running → (awaiting_approval → queued → running)* → end."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    AWAITING_APPROVAL = "awaiting_approval"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_active(self) -> bool:
+        """True while the run has not ended."""
+        return self in _ACTIVE_RUN_STATUSES
+
+
+_ACTIVE_RUN_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.AWAITING_APPROVAL})
+
+
+class ApprovalStatus(StrEnum):
+    """Where a person's decision on a tool call is."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+class ToolPolicy(StrEnum):
+    """What happens when the agent calls a tool."""
+
+    AUTO = "auto"
+    ASK = "ask"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A person or program that owns sessions."""
+
+    id: UserId
+    email: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A long-lived credential; only its hash is stored and ``prefix`` identifies it."""
+
+    id: ApiKeyId
+    user_id: UserId
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSetting:
+    """One tool an agent may call and its policy."""
+
+    name: str
+    policy: ToolPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """A reusable profile: model, instructions, tools and their policies."""
+
+    id: AgentId
+    owner_id: UserId | None
+    name: str
+    model: str
+    instructions: str
+    tools: tuple[ToolSetting, ...]
+    is_default: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+DEFAULT_AGENT_TOOLS: tuple[ToolSetting, ...] = (
+    ToolSetting("list_files", ToolPolicy.AUTO),
+    ToolSetting("read_file", ToolPolicy.AUTO),
+    ToolSetting("write_file", ToolPolicy.ASK),
+    ToolSetting("shell", ToolPolicy.ASK),
+)
+DEFAULT_AGENT_NAME = "default"
+DEFAULT_AGENT_INSTRUCTIONS = (
+    "You are a helpful assistant working in a private workspace folder. "
+    "Use the tools to inspect and change files when asked."
+)
+
+TITLE_MAX_LENGTH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A conversation owned by one user and driven by one agent."""
+
+    id: SessionId
+    owner_id: UserId
+    agent_id: AgentId
+    title: str
+    status: SessionStatus
+    created_at: datetime
+    updated_at: datetime
+
+    def edited(self, *, title: str | None, status: SessionStatus | None, at: datetime) -> Session:
+        """This session with a new title and/or status."""
+        return replace(
+            self,
+            title=self.title if title is None else clean_title(title),
+            status=self.status if status is None else status,
+            updated_at=at,
+        )
+
+
+def clean_title(title: str) -> str:
+    """A title stripped of surrounding space, or InvalidInput if it is too long."""
+    title = title.strip()
+    if len(title) > TITLE_MAX_LENGTH:
+        raise InvalidInput(f"title is longer than {TITLE_MAX_LENGTH} characters")
+    return title
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message of a conversation, ordered by ``seq`` within its session."""
+
+    id: MessageId
+    session_id: SessionId
+    seq: int
+    role: MessageRole
+    content: str
+    run_id: RunId | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One agent turn started by a user message."""
+
+    id: RunId
+    session_id: SessionId
+    status: RunStatus
+    attempt: int
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """A tool call waiting for a person's decision."""
+
+    id: ApprovalId
+    run_id: RunId
+    session_id: SessionId
+    tool: str
+    arguments: JSONObject
+    status: ApprovalStatus
+    decided_by: UserId | None
+    decided_at: datetime | None
+    reason: str | None
+    expires_at: datetime
+    created_at: datetime = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a list and the cursor for the next (None at the end)."""
+
+    items: list[T]
+    next_cursor: str | None
+
+
+EMAIL_MAX_LENGTH = 320
+
+
+def normalise_email(email: str) -> str:
+    """The canonical (trimmed, lower-case) form of an email, or InvalidInput if it is not one."""
+    email = email.strip().lower()
+    local, at, domain = email.rpartition("@")
+    if (
+        not at
+        or not local
+        or "." not in domain
+        or domain.startswith(".")
+        or domain.endswith(".")
+        or any(char.isspace() for char in email)
+        or len(email) > EMAIL_MAX_LENGTH
+    ):
+        raise InvalidInput("email is not a valid email address")
+    return email
+
+
+def encode_cursor(value: str) -> str:
+    """An opaque page cursor for a position."""
+    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    """The position inside a cursor, or InvalidInput if it was not made by encode_cursor."""
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("cursor is not valid; use next_cursor from a previous page") from None

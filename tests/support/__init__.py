@@ -1,0 +1,1 @@
+"""Real parts for tests: a PostgreSQL server, migrated databases, server processes."""
