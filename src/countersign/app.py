@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
+from pythonjsonlogger.core import RESERVED_ATTRS
 
 from countersign.api.errors import install_error_handlers
+from countersign.api.limits import BodyLimitMiddleware
 from countersign.api.observability import Metrics, ObservabilityMiddleware
 from countersign.api.routes import approvals, me, messages, ops, sessions
 from countersign.config import Settings
@@ -26,7 +29,6 @@ from countersign.domain.models import SystemClock
 from countersign.services import ServiceDeps
 from countersign.services.agents import ensure_default_agent
 
-API_PREFIX = "/api/v1"
 logger = logging.getLogger("countersign")
 
 
@@ -60,17 +62,27 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         summary="Agent conversations with streamed replies and durable human approvals.",
         lifespan=lifespan,
-        max_body_size=settings.max_request_bytes,
     )
     app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (sessions.router, messages.router, approvals.router, me.router):
-        app.include_router(router, prefix=API_PREFIX)
-    app.include_router(ops.router)
-    # Added last runs first: the request id is set before the access log line is written.
+    for router in (sessions.router, messages.router, approvals.router, me.router, ops.router):
+        app.include_router(router)
+    # Added last runs first: the request id is set before the access log line is written, and
+    # the body limit answers inside both, so its 413 is enveloped, counted and logged.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
-    app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
+    app.add_middleware(
+        CorrelationIdMiddleware, header_name="X-Request-ID", validator=is_acceptable_request_id
+    )
     return app
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def is_acceptable_request_id(value: str) -> bool:
+    """An incoming X-Request-ID is kept when it is short and plain (no log injection)."""
+    return _REQUEST_ID.fullmatch(value) is not None
 
 
 def configure_logging(settings: Settings) -> None:
@@ -78,9 +90,10 @@ def configure_logging(settings: Settings) -> None:
     formatter = (
         {
             "()": "pythonjsonlogger.json.JsonFormatter",
-            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s %(correlation_id)s",
+            "fmt": "%(levelname)s %(name)s %(message)s %(correlation_id)s",
+            "timestamp": "time",
+            "reserved_attrs": [*RESERVED_ATTRS, "color_message"],
             "rename_fields": {
-                "asctime": "time",
                 "levelname": "level",
                 "name": "logger",
                 "correlation_id": "request_id",

@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-import uvicorn
 
-from countersign.app import configure_logging, create_app
 from countersign.config import Settings, load_settings
-from countersign.db import migrations
-from countersign.db.doctor import Report, Status, create_check_engine, diagnose, startup_gate
-from countersign.db.engine import create_engine, create_session_factory, safe_url
-from countersign.db.uow import unit_of_work_factory
-from countersign.domain.errors import ConfigError, CountersignError, StartupError
-from countersign.domain.models import SystemClock
-from countersign.services import ServiceDeps
-from countersign.services.accounts import create_api_key, create_user
+from countersign.db import doctor, migrations
+from countersign.db.doctor import Report, Status, diagnose, startup_gate
+from countersign.db.engine import safe_url
+from countersign.domain.errors import AlreadyExists, ConfigError, CountersignError, StartupError
+
+if TYPE_CHECKING:
+    from countersign.services import ServiceDeps
+
+# The web stack (app, uvicorn) and the services are imported inside the commands that use
+# them: `db check` and a settings error then answer in about half the time, which probes,
+# scripts and people waiting on a one-line error all notice.
 
 T = TypeVar("T")
 
@@ -55,27 +57,40 @@ def _fail(message: str, *, hint: str = "", code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _sentence(message: str) -> str:
+    """Service errors are phrases ("email is not valid"); on a terminal they read as sentences."""
+    message = message.strip()
+    if not message.endswith((".", "!", "?")):
+        message += "."
+    return message[:1].upper() + message[1:]
+
+
 def _settings(**overrides: object) -> Settings:
     try:
         return load_settings(**{k: v for k, v in overrides.items() if v is not None})
     except ConfigError as exc:
-        raise _fail(exc.message, code=2) from None
+        raise _fail(exc.message, hint=exc.hint, code=2) from None
 
 
-def _run(work: Awaitable[T]) -> T:
+def _run(work: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine; domain errors become one line and an exit code."""
     try:
-        return asyncio.run(work)  # type: ignore[arg-type]
+        return asyncio.run(work)
     except ConfigError as exc:
         raise _fail(exc.message, hint=exc.hint, code=2) from None
     except StartupError as exc:
         raise _fail(exc.message, hint=exc.hint) from None
     except CountersignError as exc:
-        raise _fail(exc.message) from None
+        raise _fail(_sentence(exc.message)) from None
 
 
 @asynccontextmanager
 async def _services(settings: Settings) -> AsyncIterator[ServiceDeps]:
+    from countersign.db.engine import create_engine, create_session_factory
+    from countersign.db.uow import unit_of_work_factory
+    from countersign.domain.models import SystemClock
+    from countersign.services import ServiceDeps
+
     await startup_gate(settings)
     engine = create_engine(settings, pool_size=1)
     try:
@@ -93,9 +108,15 @@ async def _services(settings: Settings) -> AsyncIterator[ServiceDeps]:
 @cli.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port to listen on (1-65535).")
+    ] = None,
 ) -> None:
     """Start the server (dev: migrates first; prod: refuses an unmigrated database)."""
+    import uvicorn
+
+    from countersign.app import configure_logging, create_app
+
     settings = _settings(host=host, port=port)
     configure_logging(settings)
     # Pass the gate here, before uvicorn, so a refusal is one sentence and exit code 1.
@@ -115,36 +136,75 @@ def serve(
     )
 
 
+_RELATIVE_REVISION = re.compile(r"^[+-]\d+$")
+
+
+def _revision_argument(revision: str) -> str:
+    """The revision, if this version knows it; else exit 2 (bad usage) before connecting."""
+    known = migrations.known_revisions()
+    if (
+        revision in {"head", "heads", "base"}
+        or _RELATIVE_REVISION.match(revision)
+        or (revision != "" and any(k.startswith(revision) for k in known))
+    ):
+        return revision
+    raise _fail(
+        f"Unknown revision {revision!r}: this version knows {', '.join(sorted(known))}.",
+        hint="Give one of them, head, base, or a relative step such as -1.",
+        code=2,
+    )
+
+
+def _migrated(settings: Settings, verb: str, done: doctor.Migration) -> str:
+    head = migrations.head_revision()
+    after = f"{done.after or 'base'}{' (head)' if done.after == head else ''}"
+    if done.before == done.after:
+        return f"{safe_url(settings)} is already at {after}; nothing to do."
+    return f"{verb} {safe_url(settings)} from {done.before or 'base'} to {after}."
+
+
 @db_cli.command("upgrade")
 def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
     """Migrate the database up to REVISION (default: head)."""
+    revision = _revision_argument(revision)
     settings = _settings()
-    _run(_migrate(settings, migrations.upgrade, revision))
-    typer.echo(f"Database at {_run(_current(settings)) or 'base'} ({safe_url(settings)}).")
+    typer.echo(_migrated(settings, "Upgraded", _run(doctor.upgrade(settings, revision))))
 
 
-@db_cli.command("downgrade")
+@db_cli.command(
+    "downgrade",
+    # so that `db downgrade -1` reads -1 as the revision, not as an unknown option
+    context_settings={"ignore_unknown_options": True},
+)
 def db_downgrade(
     revision: Annotated[str, typer.Argument(help="Target revision, e.g. -1 or base.")],
 ) -> None:
-    """Migrate the database down to REVISION."""
+    """Migrate the database down to REVISION (base removes every table)."""
+    revision = _revision_argument(revision)
     settings = _settings()
-    _run(_migrate(settings, migrations.downgrade, revision))
-    typer.echo(f"Database at {_run(_current(settings)) or 'base'} ({safe_url(settings)}).")
+    typer.echo(_migrated(settings, "Downgraded", _run(doctor.downgrade(settings, revision))))
 
 
 @db_cli.command("current")
 def db_current() -> None:
-    """Print the database's revision and this version's head."""
+    """Print the database's revision, this version's head, and how the two compare."""
     settings = _settings()
-    current = _run(_current(settings))
+    current = _run(doctor.current_revision(settings))
     head = migrations.head_revision()
-    state = "up to date" if current == head else "not migrated" if current is None else "behind"
-    if current is not None and current not in migrations.known_revisions():
-        state = "unknown to this version"
-    typer.echo(f"current: {current or 'none'}\nhead: {head}\nstate: {state}")
+    if current is None:
+        state = "not migrated (run `countersign db upgrade`)"
+    elif current == head:
+        state = "up to date"
+    elif current not in migrations.known_revisions():
+        state = "unknown to this version (a newer Countersign migrated it)"
+    else:
+        state = "behind (run `countersign db upgrade`)"
+    typer.echo(
+        f"database: {safe_url(settings)}\ncurrent: {current or 'none'}\nhead: {head}\n"
+        f"state: {state}"
+    )
 
 
 @db_cli.command("check")
@@ -170,15 +230,28 @@ def user_create(
     email: Annotated[str, typer.Argument(help="The user's email.")],
 ) -> None:
     """Create a user; the password is read from a prompt, or from stdin when piped."""
+    settings = _settings()
     if sys.stdin.isatty():
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:
         password = sys.stdin.readline().rstrip("\r\n")
-    settings = _settings()
+        if not password:
+            raise _fail(
+                "No password arrived on standard input.",
+                hint="Pipe it in, e.g. `printf '%s\\n' \"$PASSWORD\" | countersign user create "
+                "EMAIL`, or run the command in a terminal to be prompted.",
+            )
 
     async def work() -> str:
+        from countersign.services.accounts import create_user
+
         async with _services(settings) as services:
-            user = await create_user(services, email=email, password=password)
+            try:
+                user = await create_user(services, email=email, password=password)
+            except AlreadyExists:
+                raise AlreadyExists(
+                    f"a user with the email {email.strip()} already exists"
+                ) from None
         return f"Created user {user.email} ({user.id})."
 
     typer.echo(_run(work()))
@@ -193,6 +266,8 @@ def apikey_create(
     settings = _settings()
 
     async def work() -> str:
+        from countersign.services.accounts import create_api_key
+
         async with _services(settings) as services:
             _key, secret = await create_api_key(services, email=email, name=name)
         return secret
@@ -200,33 +275,3 @@ def apikey_create(
     secret = _run(work())
     typer.echo(secret)
     typer.echo("Store this key now: it is not shown again.", err=True)
-
-
-async def _migrate(settings: Settings, step: Callable[..., Awaitable[None]], revision: str) -> None:
-    engine = create_check_engine(settings)
-    try:
-        await _connect_or_explain(settings)
-        await step(engine, revision)
-    finally:
-        await engine.dispose()
-
-
-async def _current(settings: Settings) -> str | None:
-    await _connect_or_explain(settings)
-    engine = create_check_engine(settings)
-    try:
-        return await migrations.current_revision(engine)
-    finally:
-        await engine.dispose()
-
-
-async def _connect_or_explain(settings: Settings) -> None:
-    """Raise StartupError with the doctor's sentence if the database cannot be reached."""
-    report = await diagnose(settings)
-    for result in report.results:
-        if (
-            result.status is Status.FAIL
-            and result.id != "migrations.state"
-            and result.id != "privileges"
-        ):
-            raise StartupError(result.message, hint=result.hint)

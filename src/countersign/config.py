@@ -17,6 +17,8 @@ from countersign.domain.errors import ConfigError
 
 ENV_PREFIX = "COUNTERSIGN_"
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./countersign.db"
+SECRET_KEY_MIN_LENGTH = 32
+MAKE_A_KEY_HINT = "Generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 _SCHEMES = {
     "sqlite": "sqlite+aiosqlite",
@@ -80,11 +82,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _prod_needs_secret(self) -> Settings:
-        if self.profile is Profile.PROD and (
-            self.secret_key is None or len(self.secret_key.get_secret_value()) < 32
-        ):
+        if self.profile is not Profile.PROD:
+            return self
+        if self.secret_key is None or not self.secret_key.get_secret_value().strip():
             raise ValueError(
-                "the prod profile needs COUNTERSIGN_SECRET_KEY set to at least 32 characters"
+                f"{ENV_PREFIX}SECRET_KEY is not set, and the prod profile needs one of at "
+                f"least {SECRET_KEY_MIN_LENGTH} characters"
+            )
+        length = len(self.secret_key.get_secret_value())
+        if length < SECRET_KEY_MIN_LENGTH:
+            raise ValueError(
+                f"{ENV_PREFIX}SECRET_KEY has {length} characters, and the prod profile needs "
+                f"at least {SECRET_KEY_MIN_LENGTH}"
             )
         return self
 
@@ -119,9 +128,15 @@ def normalise_database_url(value: str) -> str:
     else:
         try:
             parts = urlsplit(f"postgresql://{rest}")
-            port = parts.port
         except ValueError as exc:
             raise ValueError(f"is malformed ({exc})") from None
+        try:
+            port = parts.port
+        except ValueError:
+            raw_port = _raw_port(parts.netloc)
+            if raw_port.isdigit():
+                raise ValueError(f"has port {raw_port}; use a port between 1 and 65535") from None
+            raise ValueError(f"has a port that is not a number ({raw_port!r})") from None
         if not parts.hostname and "host=" not in (parts.query or ""):
             raise ValueError("names no host, e.g. postgresql://user:password@localhost:5432/db")
         if port == 0:
@@ -129,12 +144,22 @@ def normalise_database_url(value: str) -> str:
     return f"{driver}://{rest}"
 
 
+def _raw_port(netloc: str) -> str:
+    """The text after the host's colon (IPv6 hosts are in brackets), without parsing it."""
+    host_port = netloc.rpartition("@")[2]
+    if host_port.startswith("["):
+        host_port = host_port.partition("]")[2]
+    return host_port.partition(":")[2] if ":" in host_port else ""
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment (and ``.env``), or raise ConfigError in one sentence."""
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        message = _describe(exc)
+        hint = MAKE_A_KEY_HINT if f"{ENV_PREFIX}SECRET_KEY" in message else ""
+        raise ConfigError(message, hint=hint) from None
 
 
 def _describe(exc: ValidationError) -> str:
@@ -143,7 +168,8 @@ def _describe(exc: ValidationError) -> str:
     message = str(error.get("msg", "is invalid"))
     message = message.removeprefix("Value error, ")
     if not location:
-        return f"Invalid configuration: {message}."
+        return f"{message[:1].upper()}{message[1:]}."
+    message = message[:1].lower() + message[1:]
     name = f"{ENV_PREFIX}{location[0].upper()}"
     value = error.get("input")
     hidden = "SECRET" in name or "DATABASE_URL" in name or isinstance(value, dict)

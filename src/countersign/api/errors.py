@@ -60,6 +60,11 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
 
 
+def internal_error_response() -> JSONResponse:
+    """The 500 for an error nobody expected; what went wrong goes to the log, not the client."""
+    return error_response(500, "internal_error", "an unexpected error happened")
+
+
 def status_for(error: CountersignError) -> int:
     """The HTTP status for a domain error."""
     for kind, status in _STATUS:
@@ -97,10 +102,20 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error", exc_info=exc)
-        return error_response(500, "internal_error", "an unexpected error happened")
+        return internal_error_response()
 
 
 def _problem(error: Any) -> dict[str, str]:
+    if error.get("type") == "json_invalid":
+        # FastAPI reports where the JSON broke as the location; say it in words instead.
+        loc = error.get("loc", ())
+        reason = (error.get("ctx") or {}).get("error", "decode error")
+        where = f", at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        return {
+            "field": "body",
+            "message": f"is not valid JSON ({reason}{where})",
+            "type": "json_invalid",
+        }
     location = [str(part) for part in error.get("loc", ()) if part != "body"]
     message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
     return {"field": ".".join(location), "message": message, "type": str(error.get("type", ""))}

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from countersign.api.errors import internal_error_response
 from countersign.db.engine import PoolStatus
 
 access_logger = logging.getLogger("countersign.access")
@@ -62,7 +63,11 @@ class Metrics:
 
 
 class ObservabilityMiddleware:
-    """Counts and times every HTTP request, and writes one access-log line for it."""
+    """Counts and times every HTTP request, and writes one access-log line for it.
+
+    It also answers an unexpected error with the 500 envelope itself: Starlette's own answer
+    is sent from outside every middleware, so it would carry no ``X-Request-ID``.
+    """
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
@@ -74,15 +79,21 @@ class ObservabilityMiddleware:
             return
         started = time.perf_counter()
         status_code = 500
+        response_started = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status_code
+            nonlocal status_code, response_started
             if message["type"] == "http.response.start":
                 status_code = message["status"]
+                response_started = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            if not response_started:
+                await internal_error_response()(scope, receive, send_wrapper)
+            raise  # on to Starlette, which logs it (and sends nothing more)
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Generic, Self, TypeVar
+from typing import Annotated, Any, Generic, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from countersign.domain.models import (
     TITLE_MAX_LENGTH,
@@ -16,6 +16,22 @@ from countersign.domain.models import (
 )
 
 T = TypeVar("T")
+
+
+def _storable(value: str) -> str:
+    # PostgreSQL text cannot hold NUL, and a lone surrogate (JSON "\ud800") cannot be encoded
+    # as UTF-8 by any driver or response; refuse both here rather than fail with a 500 later.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it has a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+"""A string from a client: any text the database can store."""
 
 
 class Strict(BaseModel):
@@ -51,6 +67,13 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+API_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "No or bad credentials"},
+    422: {"model": ErrorBody, "description": "Invalid input"},
+}
+"""Errors every authenticated operation may answer, documented with the one envelope."""
+
+
 class UserOut(Out):
     """A user."""
 
@@ -63,13 +86,13 @@ class SessionCreate(Strict):
     """A new session; without ``agent_id`` it uses the server's default agent."""
 
     agent_id: uuid.UUID | None = None
-    title: str | None = Field(default=None, max_length=TITLE_MAX_LENGTH)
+    title: Text | None = Field(default=None, max_length=TITLE_MAX_LENGTH)
 
 
 class SessionUpdate(Strict):
     """New values for a session; at least one field."""
 
-    title: str | None = Field(default=None, max_length=TITLE_MAX_LENGTH)
+    title: Text | None = Field(default=None, max_length=TITLE_MAX_LENGTH)
     status: SessionStatus | None = None
 
     @model_validator(mode="after")

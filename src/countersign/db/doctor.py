@@ -11,7 +11,7 @@ import asyncio
 import os
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 from alembic.runtime.migration import MigrationContext
+from alembic.util import CommandError
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -34,6 +35,8 @@ MIN_POSTGRES_VERSION = 13
 RUNTIME_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 READINESS_TIMEOUT = 3.0
 """Seconds /health/ready waits for the database."""
+MIGRATABLE_PROBLEMS = frozenset({"not_migrated", "behind"})
+"""Problems that ``db upgrade`` (and the dev profile's start-up) fix."""
 
 
 class Status(StrEnum):
@@ -72,6 +75,10 @@ class Report:
         """The first failed check, or None."""
         return next((r for r in self.results if r.status is Status.FAIL), None)
 
+    def get(self, check_id: str) -> CheckResult | None:
+        """The result of the check with this id, or None if it did not run."""
+        return next((r for r in self.results if r.id == check_id), None)
+
     def as_json(self) -> dict[str, Any]:
         """The report as plain JSON values."""
         return {"ok": self.ok, "checks": [asdict(result) for result in self.results]}
@@ -103,23 +110,125 @@ async def startup_gate(settings: Settings) -> Report:
     if (
         failure is not None
         and settings.profile is Profile.DEV
-        and failure.problem in {"not_migrated", "behind"}
+        and failure.problem in MIGRATABLE_PROBLEMS
     ):
-        engine = create_check_engine(settings)
-        try:
-            await migrations.upgrade(engine)
-        except (SQLAlchemyError, OSError) as exc:
-            raise StartupError(
-                f"Migrating the database failed: {_first_line(exc)}.",
-                hint="Run `countersign db check` to see what is wrong.",
-            ) from None
-        finally:
-            await engine.dispose()
+        # Migrating only helps when the migration state is the sole problem: a role that may
+        # not create tables, say, would only turn one clear sentence into a failed migration.
+        other = next(
+            (r for r in report.results if r.status is Status.FAIL and r is not failure), None
+        )
+        if other is not None:
+            raise StartupError(other.message, hint=other.hint)
+        await _apply(settings, migrations.upgrade, "head", verb="upgrade")
         report = await diagnose(settings)
         failure = report.first_failure
     if failure is not None:
         raise StartupError(failure.message, hint=failure.hint)
     return report
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """What ``db upgrade`` or ``db downgrade`` did: the revision before and after."""
+
+    before: str | None
+    after: str | None
+
+
+async def upgrade(settings: Settings, revision: str = "head") -> Migration:
+    """Upgrade the database to ``revision``, or raise StartupError saying why it cannot."""
+    report = await diagnose(settings)
+    _raise_if_unusable(report, ignore=("migrations.state", "privileges"))
+    _raise_if_failed(report, "migrations.state", problems=("unknown_revision",))
+    _raise_if_failed(report, "privileges", problems=("no_create_privilege", "no_schema"))
+    return await _apply(settings, migrations.upgrade, revision, verb="upgrade")
+
+
+async def downgrade(settings: Settings, revision: str) -> Migration:
+    """Downgrade the database to ``revision``, or raise StartupError saying why it cannot."""
+    report = await diagnose(settings)
+    _raise_if_unusable(report, ignore=("migrations.state", "privileges"))
+    _raise_if_failed(report, "migrations.state", problems=("unknown_revision",))
+    return await _apply(settings, migrations.downgrade, revision, verb="downgrade")
+
+
+async def current_revision(settings: Settings) -> str | None:
+    """The database's revision (None if never migrated), or StartupError if it is unreachable."""
+    report = await diagnose(settings)
+    _raise_if_unusable(report, ignore=("migrations.state", "privileges", "sqlite.writable"))
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and not _sqlite_path(url).exists():
+        return None  # do not create an empty file just to say that it is empty
+    engine = create_check_engine(settings)
+    try:
+        return await migrations.current_revision(engine)
+    except (SQLAlchemyError, OSError) as exc:
+        raise StartupError(
+            f"Reading the revision of {_label(url)} failed: {_first_line(exc)}.",
+            hint="Run `countersign db check` to see what is wrong.",
+        ) from None
+    finally:
+        await engine.dispose()
+
+
+async def _apply(
+    settings: Settings,
+    step: Callable[[AsyncEngine, str], Awaitable[None]],
+    revision: str,
+    *,
+    verb: str,
+) -> Migration:
+    """Run one Alembic step; every failure becomes one sentence."""
+    url = make_url(settings.database_url)
+    engine = create_check_engine(settings)
+    try:
+        before = await migrations.current_revision(engine)
+        try:
+            await step(engine, revision)
+        except CommandError as exc:
+            raise StartupError(
+                f"Cannot {verb} {_label(url)} to {revision!r}: {_first_line(exc)}.",
+                hint=f"Known revisions: {', '.join(sorted(migrations.known_revisions()))} "
+                "(also head, base, or a step such as -1); see `countersign db current`.",
+            ) from None
+        except (SQLAlchemyError, OSError) as exc:
+            raise StartupError(
+                f"The {verb} of {_label(url)} to {revision!r} failed: {_first_line(exc)}.",
+                hint="Run `countersign db check` to see what is wrong.",
+            ) from None
+        after = await migrations.current_revision(engine)
+    except (SQLAlchemyError, OSError) as exc:
+        raise StartupError(
+            f"Reading the revision of {_label(url)} failed: {_first_line(exc)}.",
+            hint="Run `countersign db check` to see what is wrong.",
+        ) from None
+    finally:
+        await engine.dispose()
+    return Migration(before=before, after=after)
+
+
+def _raise_if_unusable(report: Report, *, ignore: tuple[str, ...]) -> None:
+    """Raise the first failure outside ``ignore``: the database cannot be used at all."""
+    for result in report.results:
+        if result.status is Status.FAIL and result.id not in ignore:
+            raise StartupError(result.message, hint=result.hint)
+
+
+def _raise_if_failed(report: Report, check_id: str, *, problems: tuple[str, ...]) -> None:
+    result = report.get(check_id)
+    if result is not None and result.status is Status.FAIL and result.problem in problems:
+        raise StartupError(result.message, hint=result.hint)
+
+
+def _label(url: URL) -> str:
+    """How messages name the database: the SQLite file, or database, host and port."""
+    if url.get_backend_name() == "sqlite":
+        return f"the SQLite database {_sqlite_path(url)}"
+    return f"the database {url.database or url.username or 'postgres'!r} at {_where(url)}"
+
+
+def _where(url: URL) -> str:
+    return f"{url.host or 'localhost'}:{url.port or 5432}"
 
 
 def create_check_engine(settings: Settings) -> AsyncEngine:
@@ -150,8 +259,8 @@ async def _diagnose_sqlite(url: URL, settings: Settings, report: Report) -> None
                         Status.FAIL,
                         f"The SQLite file {path} is read-only.",
                         hint=(
-                            f"Give the server's user write access to {path} "
-                            f"and to its folder {path.parent}."
+                            f"Give the server's user write access to {path} and to its folder "
+                            f"{path.parent} (see ls -l, and lsattr for the immutable flag)."
                         ),
                         problem="read_only",
                     )
@@ -160,7 +269,7 @@ async def _diagnose_sqlite(url: URL, settings: Settings, report: Report) -> None
                 report.add(
                     CheckResult("sqlite.writable", Status.OK, f"{path} is readable and writable.")
                 )
-            report.add(await _migration_state(connection))
+            report.add(await _migration_state(connection, _label(url)))
     except SQLAlchemyError as exc:
         report.add(
             CheckResult(
@@ -223,10 +332,17 @@ def _sqlite_file_checks(path: Path, report: Report) -> bool:
 
 
 async def _sqlite_writable(connection: AsyncConnection) -> bool:
-    """Try to take the write lock (then give it back): the only honest test of writability."""
+    """Write the header's user_version back unchanged and roll back: an honest writability test.
+
+    ``BEGIN IMMEDIATE`` alone is no test: SQLite grants it on a file it opened read-only.
+    """
+    version = int(await connection.scalar(text("PRAGMA user_version")) or 0)
     try:
         await connection.exec_driver_sql("BEGIN IMMEDIATE")
-        await connection.exec_driver_sql("ROLLBACK")
+        try:
+            await connection.exec_driver_sql(f"PRAGMA user_version = {version}")
+        finally:
+            await connection.exec_driver_sql("ROLLBACK")
     except SQLAlchemyError as exc:
         if "readonly" in str(exc).lower().replace("-", "").replace(" ", ""):
             return False
@@ -238,7 +354,7 @@ async def _sqlite_writable(connection: AsyncConnection) -> bool:
 
 
 async def _diagnose_postgres(url: URL, settings: Settings, report: Report) -> None:
-    where = f"{url.host or 'localhost'}:{url.port or 5432}"
+    where = _where(url)
     engine = create_check_engine(settings)
     try:
         try:
@@ -270,8 +386,14 @@ async def _diagnose_postgres(url: URL, settings: Settings, report: Report) -> No
                 )
             else:
                 report.add(CheckResult("server.version", Status.OK, f"PostgreSQL {major}."))
-            state = report.add(await _migration_state(connection))
-            report.add(await _postgres_privileges(connection, migrated=state.status is Status.OK))
+            state = report.add(await _migration_state(connection, _label(url)))
+            report.add(
+                await _postgres_privileges(
+                    connection,
+                    database=url.database or url.username or "postgres",
+                    migrated=state.status is Status.OK,
+                )
+            )
         finally:
             await connection_cm.__aexit__(None, None, None)
     finally:
@@ -345,7 +467,9 @@ def _fail_connect(message: str, hint: str, problem: str) -> CheckResult:
     return CheckResult("connect", Status.FAIL, message, hint=hint, problem=problem)
 
 
-async def _postgres_privileges(connection: AsyncConnection, *, migrated: bool) -> CheckResult:
+async def _postgres_privileges(
+    connection: AsyncConnection, *, database: str, migrated: bool
+) -> CheckResult:
     role = await connection.scalar(text("SELECT current_user"))
     schema = await connection.scalar(text("SELECT current_schema()"))
     if schema is None:
@@ -364,8 +488,8 @@ async def _postgres_privileges(connection: AsyncConnection, *, migrated: bool) -
             return CheckResult(
                 "privileges",
                 Status.FAIL,
-                f"Role {role!r} may not create tables in schema {schema!r}, so it cannot "
-                "run the migrations.",
+                f"Role {role!r} may not create tables in schema {schema!r} of database "
+                f"{database!r}, so it cannot run the migrations.",
                 hint=(
                     "Run `countersign db upgrade` as the database owner, or "
                     f"GRANT CREATE ON SCHEMA {schema} TO {role}."
@@ -373,7 +497,9 @@ async def _postgres_privileges(connection: AsyncConnection, *, migrated: bool) -
                 problem="no_create_privilege",
             )
         return CheckResult(
-            "privileges", Status.OK, f"Role {role!r} may create tables in schema {schema!r}."
+            "privileges",
+            Status.OK,
+            f"Role {role!r} may create tables in schema {schema!r} of database {database!r}.",
         )
     for table in Base.metadata.sorted_tables:
         for privilege in RUNTIME_PRIVILEGES:
@@ -385,7 +511,8 @@ async def _postgres_privileges(connection: AsyncConnection, *, migrated: bool) -
                 return CheckResult(
                     "privileges",
                     Status.FAIL,
-                    f"Role {role!r} lacks {privilege} on table {table.name!r}.",
+                    f"Role {role!r} lacks {privilege} on table {table.name!r} of database "
+                    f"{database!r}.",
                     hint=(
                         "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "
                         f"{schema} TO {role}."
@@ -400,37 +527,44 @@ async def _postgres_privileges(connection: AsyncConnection, *, migrated: bool) -
 # --- Both -------------------------------------------------------------------------------
 
 
-async def _migration_state(connection: AsyncConnection) -> CheckResult:
+async def _migration_state(connection: AsyncConnection, label: str) -> CheckResult:
     current = await connection.run_sync(_current_revision)
     head = migrations.head_revision()
     if current is None:
         return CheckResult(
             "migrations.state",
             Status.FAIL,
-            "The database has not been migrated.",
+            f"{_capital(label)} has not been migrated.",
             hint="Run `countersign db upgrade` (the dev profile does this on start).",
             problem="not_migrated",
         )
     if current == head:
         return CheckResult(
-            "migrations.state", Status.OK, f"The database is at revision {head} (head)."
+            "migrations.state", Status.OK, f"{_capital(label)} is at revision {head} (head)."
         )
     if current not in migrations.known_revisions():
         return CheckResult(
             "migrations.state",
             Status.FAIL,
-            f"The database is at revision {current!r}, which this version of Countersign "
-            "does not know (it was migrated by a newer version).",
-            hint="Run the newer Countersign, or downgrade the database with it first.",
+            f"{_capital(label)} is at revision {current!r}, which this version of "
+            "Countersign does not know (a newer version migrated it).",
+            hint=(
+                "Run the newer Countersign, or use it to run "
+                f"`countersign db downgrade {head}` first."
+            ),
             problem="unknown_revision",
         )
     return CheckResult(
         "migrations.state",
         Status.FAIL,
-        f"The database is at revision {current}, older than this version's head {head}.",
+        f"{_capital(label)} is at revision {current}, older than this version's head {head}.",
         hint="Run `countersign db upgrade`.",
         problem="behind",
     )
+
+
+def _capital(sentence: str) -> str:
+    return sentence[:1].upper() + sentence[1:]
 
 
 def _current_revision(sync_connection: Any) -> str | None:

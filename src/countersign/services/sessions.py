@@ -144,12 +144,7 @@ async def list_messages(
     deps: ServiceDeps, *, actor: UserId, session_id: SessionId, cursor: str | None, limit: int
 ) -> Page[Message]:
     """A session's messages, oldest first."""
-    after_seq = 0
-    if cursor is not None:
-        position = decode_cursor(cursor)
-        if not position.isdigit():
-            raise InvalidInput("cursor is not valid; use next_cursor from a previous page")
-        after_seq = int(position)
+    after_seq = _seq_cursor(cursor)
     async with deps.uow_factory(write=False) as uow:
         await _owned(uow, session_id, actor)
         messages = await uow.messages.list(session_id, after_seq=after_seq, limit=limit + 1)
@@ -209,6 +204,20 @@ def _uuid_cursor(cursor: str | None) -> uuid.UUID | None:
         return uuid.UUID(decode_cursor(cursor))
     except ValueError:
         raise InvalidInput("cursor is not valid; use next_cursor from a previous page") from None
+
+
+SEQ_MAX = 2**31 - 1
+"""The largest ``seq`` a message can have (the column is a 32-bit integer)."""
+
+
+def _seq_cursor(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    position = decode_cursor(cursor)
+    # isdigit() alone admits "²" and other non-ASCII digits; the database takes 32 bits.
+    if not (position.isascii() and position.isdigit()) or int(position) > SEQ_MAX:
+        raise InvalidInput("cursor is not valid; use next_cursor from a previous page")
+    return int(position)
 
 
 def _page(items: list[T], limit: int, position: Callable[[T], str]) -> Page[T]:

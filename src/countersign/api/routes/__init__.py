@@ -1,1 +1,3 @@
-"""One module per resource."""
+"""One module per resource. Paths are written in full, so metrics and logs see real routes."""
+
+API_PREFIX = "/api/v1"

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from countersign.api.deps import CurrentUser
-from countersign.api.schemas import UserOut
+from countersign.api.deps import AuthenticatedRoute, CurrentUser
+from countersign.api.routes import API_PREFIX
+from countersign.api.schemas import API_ERRORS, UserOut
 
-router = APIRouter(tags=["auth"])
+router = APIRouter(
+    prefix=API_PREFIX, tags=["auth"], responses=API_ERRORS, route_class=AuthenticatedRoute
+)
 
 
 @router.get("/me")

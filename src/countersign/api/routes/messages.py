@@ -6,13 +6,19 @@ import uuid
 
 from fastapi import APIRouter
 
-from countersign.api.deps import CurrentUser, Services
+from countersign.api.deps import AuthenticatedRoute, CurrentUser, Services
+from countersign.api.routes import API_PREFIX
 from countersign.api.routes.sessions import NOT_FOUND, Cursor, Limit
-from countersign.api.schemas import MessageOut, Page
+from countersign.api.schemas import API_ERRORS, MessageOut, Page
 from countersign.domain.models import SessionId
 from countersign.services import sessions
 
-router = APIRouter(prefix="/sessions/{session_id}/messages", tags=["messages"])
+router = APIRouter(
+    prefix=f"{API_PREFIX}/sessions/{{session_id}}/messages",
+    tags=["messages"],
+    responses=API_ERRORS,
+    route_class=AuthenticatedRoute,
+)
 
 
 @router.get("", responses=NOT_FOUND)

@@ -7,13 +7,26 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response, status
 
-from countersign.api.deps import CurrentUser, IdempotencyKey, Services
-from countersign.api.schemas import ErrorBody, Page, SessionCreate, SessionOut, SessionUpdate
+from countersign.api.deps import AuthenticatedRoute, CurrentUser, IdempotencyKey, Services
+from countersign.api.routes import API_PREFIX
+from countersign.api.schemas import (
+    API_ERRORS,
+    ErrorBody,
+    Page,
+    SessionCreate,
+    SessionOut,
+    SessionUpdate,
+)
 from countersign.domain.models import AgentId, SessionId
 from countersign.services import sessions
 from countersign.services.idempotency import IdempotentRequest
 
-router = APIRouter(prefix="/sessions", tags=["sessions"])
+router = APIRouter(
+    prefix=f"{API_PREFIX}/sessions",
+    tags=["sessions"],
+    responses=API_ERRORS,
+    route_class=AuthenticatedRoute,
+)
 
 Cursor = Annotated[
     str | None, Query(max_length=200, description="`next_cursor` from the previous page.")

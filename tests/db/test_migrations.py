@@ -1,0 +1,122 @@
+"""Migrations: one set for both databases, reversible, free of drift, and extension-free."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, inspect
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from countersign.config import normalise_database_url
+from countersign.db import migrations
+from countersign.db.tables import Base
+from tests.support.databases import TestDatabase
+from tests.support.postgres import PostgresServer, unique_name
+
+TABLES = {
+    "users",
+    "identities",
+    "api_keys",
+    "agents",
+    "sessions",
+    "messages",
+    "runs",
+    "events",
+    "approvals",
+    "idempotency_keys",
+}
+
+
+async def _tables(url: str) -> set[str]:
+    engine = create_async_engine(normalise_database_url(url))
+    try:
+        async with engine.connect() as connection:
+            names = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+    finally:
+        await engine.dispose()
+    return set(names) - {"alembic_version"}
+
+
+async def test_upgrade_downgrade_upgrade(empty_database: TestDatabase) -> None:
+    """Head → base → head works on an empty database and leaves exactly the domain tables."""
+    engine = create_async_engine(normalise_database_url(empty_database.url))
+    try:
+        await migrations.upgrade(engine)
+        assert await migrations.current_revision(engine) == migrations.head_revision()
+        assert await _tables(empty_database.url) == TABLES
+
+        await migrations.downgrade(engine, "base")
+        assert await migrations.current_revision(engine) is None
+        assert await _tables(empty_database.url) == set()
+
+        await migrations.upgrade(engine)
+        assert await migrations.current_revision(engine) == migrations.head_revision()
+        assert await _tables(empty_database.url) == TABLES
+    finally:
+        await engine.dispose()
+
+
+def _drift(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, Base.metadata))
+
+
+async def test_models_match_migrations(database: TestDatabase) -> None:
+    """Autogenerate against the migrated database finds nothing to change (no drift)."""
+    engine = create_async_engine(normalise_database_url(database.url))
+    try:
+        async with engine.connect() as connection:
+            drift = await connection.run_sync(_drift)
+    finally:
+        await engine.dispose()
+    assert drift == []
+
+
+def test_ids_have_no_database_default() -> None:
+    """Every id is made by the application: no column relies on a database function."""
+    for table in Base.metadata.sorted_tables:
+        for column in table.columns:
+            assert column.server_default is None, f"{table.name}.{column.name}"
+
+
+@pytest.mark.backends("postgres")
+async def test_migrations_need_no_extension(backend: str, postgres_server: PostgresServer) -> None:
+    """The startup incident: a role that may not create extensions migrates and serves anyway."""
+    role, database = unique_name("cs_role"), unique_name("cs_noext")
+    password = "role-password-1"
+    await postgres_server.execute(
+        f"CREATE ROLE {role} LOGIN PASSWORD '{password}' NOSUPERUSER NOCREATEDB NOCREATEROLE"
+    )
+    await postgres_server.create_database(database)
+    try:
+        # The role may create tables in public, but has no CREATE on the database, so it
+        # cannot create even a trusted extension (and uuid-ossp is not installed at all).
+        await postgres_server.execute(
+            f"GRANT USAGE, CREATE ON SCHEMA public TO {role}", database=database
+        )
+        url = postgres_server.url(database, user=role, password=password)
+        as_role = await asyncpg.connect(dsn=url, timeout=10)
+        try:
+            with pytest.raises(asyncpg.PostgresError):
+                await as_role.execute('CREATE EXTENSION IF NOT EXISTS "uuid-ossp"')
+        finally:
+            await as_role.close()
+
+        engine = create_async_engine(normalise_database_url(url))
+        try:
+            await migrations.upgrade(engine)
+            assert await migrations.current_revision(engine) == migrations.head_revision()
+        finally:
+            await engine.dispose()
+        assert await _tables(url) == TABLES
+        extensions = await postgres_server.fetchval(
+            "SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql'", database=database
+        )
+        assert extensions == 0
+    finally:
+        await postgres_server.drop_database(database)
+        await postgres_server.execute(f"DROP ROLE IF EXISTS {role}")
