@@ -116,8 +116,8 @@ def make_settings(url: str, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-def settings(database: TestDatabase) -> Settings:
-    return make_settings(database.url)
+def settings(database: TestDatabase, tmp_path: Path) -> Settings:
+    return make_settings(database.url, workspace_root=tmp_path / "workspaces")
 
 
 @pytest.fixture

@@ -17,10 +17,12 @@ from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 from pythonjsonlogger.core import RESERVED_ATTRS
 
+from countersign.agent.models import ModelOptions
+from countersign.agent.tools import ToolLimits
 from countersign.api.errors import install_error_handlers
 from countersign.api.limits import BodyLimitMiddleware
 from countersign.api.observability import Metrics, ObservabilityMiddleware
-from countersign.api.routes import approvals, me, messages, ops, sessions
+from countersign.api.routes import approvals, me, messages, ops, runs, sessions
 from countersign.config import Settings
 from countersign.db.doctor import readiness, startup_gate
 from countersign.db.engine import create_engine, create_session_factory, pool_status
@@ -28,6 +30,7 @@ from countersign.db.uow import unit_of_work_factory
 from countersign.domain.models import SystemClock
 from countersign.services import ServiceDeps
 from countersign.services.agents import ensure_default_agent
+from countersign.services.executor import Executor, ExecutorOptions, executor_name
 
 logger = logging.getLogger("countersign")
 
@@ -49,11 +52,16 @@ def create_app(settings: Settings) -> FastAPI:
                 settings=settings,
             )
             await ensure_default_agent(services)
-            app.state.services = services
-            app.state.readiness = partial(readiness, engine)
-            metrics.watch_pool(partial(pool_status, engine))
-            logger.info("countersign ready", extra={"profile": settings.profile.value})
-            yield
+            executor = Executor(services, executor_options(settings), name=executor_name())
+            await executor.start(single_process=settings.is_sqlite)
+            try:
+                app.state.services = services
+                app.state.readiness = partial(readiness, engine)
+                metrics.watch_pool(partial(pool_status, engine))
+                logger.info("countersign ready", extra={"profile": settings.profile.value})
+                yield
+            finally:
+                await executor.stop()
         finally:
             await engine.dispose()
 
@@ -65,7 +73,14 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (sessions.router, messages.router, approvals.router, me.router, ops.router):
+    for router in (
+        sessions.router,
+        messages.router,
+        runs.router,
+        approvals.router,
+        me.router,
+        ops.router,
+    ):
         app.include_router(router)
     # Added last runs first: the request id is set before the access log line is written, and
     # the body limit answers inside both, so its 413 is enveloped, counted and logged.
@@ -75,6 +90,28 @@ def create_app(settings: Settings) -> FastAPI:
         CorrelationIdMiddleware, header_name="X-Request-ID", validator=is_acceptable_request_id
     )
     return app
+
+
+def executor_options(settings: Settings) -> ExecutorOptions:
+    """How this server's executor carries out runs, from the settings."""
+    key = settings.openai_api_key
+    return ExecutorOptions(
+        concurrency=settings.executor_concurrency,
+        lease_seconds=settings.run_lease_seconds,
+        poll_seconds=settings.executor_poll_seconds,
+        flush_seconds=settings.event_flush_seconds,
+        workspace_root=settings.workspace_root.resolve(),
+        model_options=ModelOptions(
+            openai_api_key=None if key is None else key.get_secret_value(),
+            openai_base_url=settings.openai_base_url,
+            timeout=settings.model_timeout_seconds,
+        ),
+        tool_limits=ToolLimits(
+            shell_timeout=settings.shell_timeout_seconds,
+            output_max_chars=settings.tool_output_max_chars,
+            shell_interpreter=settings.shell_interpreter,
+        ),
+    )
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

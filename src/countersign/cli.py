@@ -20,7 +20,13 @@ from countersign.config import Settings, load_settings
 from countersign.db import doctor, migrations
 from countersign.db.doctor import Report, Status, diagnose, startup_gate
 from countersign.db.engine import safe_url
-from countersign.domain.errors import AlreadyExists, ConfigError, CountersignError, StartupError
+from countersign.domain.errors import (
+    AlreadyExists,
+    ConfigError,
+    CountersignError,
+    InvalidInput,
+    StartupError,
+)
 
 if TYPE_CHECKING:
     from countersign.services import ServiceDeps
@@ -80,6 +86,8 @@ def _run(work: Coroutine[Any, Any, T]) -> T:
         raise _fail(exc.message, hint=exc.hint, code=2) from None
     except StartupError as exc:
         raise _fail(exc.message, hint=exc.hint) from None
+    except InvalidInput as exc:  # an argument or stdin value the command cannot take
+        raise _fail(_sentence(exc.message), code=2) from None
     except CountersignError as exc:
         raise _fail(_sentence(exc.message)) from None
 

@@ -7,8 +7,9 @@ sentence naming the variable, so that the CLI can print it and exit with code 2.
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +20,9 @@ ENV_PREFIX = "COUNTERSIGN_"
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./countersign.db"
 SECRET_KEY_MIN_LENGTH = 32
 MAKE_A_KEY_HINT = "Generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+"""The values of ``ssl`` (asyncpg's name) and ``sslmode`` (libpq's) in a PostgreSQL URL."""
 
 _SCHEMES = {
     "sqlite": "sqlite+aiosqlite",
@@ -75,6 +79,29 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1_048_576, ge=1_024)
     """Requests with a larger body are refused with 413."""
 
+    openai_api_key: SecretStr | None = None
+    """Key for ``openai:MODEL`` models (not needed with a local ``openai_base_url``)."""
+    openai_base_url: str | None = None
+    """An OpenAI-compatible server (Ollama, vLLM, llama.cpp) for ``openai:MODEL`` models."""
+    model_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    """How long one model request may take before the run fails."""
+
+    workspace_root: Path = Path("workspaces")
+    """Each session's tools work in ``<workspace_root>/<session id>``."""
+    shell_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    shell_interpreter: bool = False
+    """Run ``shell`` commands through ``/bin/sh -c`` (pipes, globs) instead of plain argv."""
+    tool_output_max_chars: int = Field(default=16_000, ge=100, le=10_000_000)
+
+    executor_concurrency: int = Field(default=32, ge=1, le=1000)
+    """Runs one server process carries out at the same time."""
+    run_lease_seconds: float = Field(default=10.0, ge=1, le=600)
+    """How long a run stays claimed without a heartbeat before another process may take it."""
+    executor_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    """How often the executor looks for work it was not told about (runs of dead processes)."""
+    event_flush_seconds: float = Field(default=0.05, ge=0, le=10)
+    """Text deltas are committed in batches at most this far apart (a batch per 32 deltas)."""
+
     @field_validator("database_url")
     @classmethod
     def _normalise_database_url(cls, value: str) -> str:
@@ -128,11 +155,22 @@ def normalise_database_url(value: str) -> str:
     else:
         try:
             parts = urlsplit(f"postgresql://{rest}")
-        except ValueError as exc:
-            raise ValueError(f"is malformed ({exc})") from None
+        except ValueError:
+            # urllib's message may quote the whole host part, password included.
+            raise ValueError(
+                "is malformed; check the host (an IPv6 address goes in [brackets]) and "
+                "percent-encode special characters in the user name and password"
+            ) from None
         try:
             port = parts.port
         except ValueError:
+            if "@" not in parts.netloc:
+                # Without "user:password@", what reads as a port may be a password cut short
+                # by an unencoded / # or ?: never echo it.
+                raise ValueError(
+                    "has no valid port; use a port between 1 and 65535, and percent-encode "
+                    "/ # ? in a password"
+                ) from None
             raw_port = _raw_port(parts.netloc)
             if raw_port.isdigit():
                 raise ValueError(f"has port {raw_port}; use a port between 1 and 65535") from None
@@ -141,7 +179,34 @@ def normalise_database_url(value: str) -> str:
             raise ValueError("names no host, e.g. postgresql://user:password@localhost:5432/db")
         if port == 0:
             raise ValueError("has port 0; use a port between 1 and 65535")
+        if parts.query:
+            query = _postgres_query(parts.query)
+            return urlunsplit(parts._replace(scheme=driver, query=query))
     return f"{driver}://{rest}"
+
+
+def _postgres_query(query: str) -> str:
+    """The URL's query for asyncpg: libpq's ``sslmode`` becomes ``ssl``; others are refused.
+
+    asyncpg takes every query parameter as a keyword argument of ``connect()``, so an unknown
+    one (``application_name``, say) would only fail later, as a traceback.
+    """
+    pairs: list[tuple[str, str]] = []
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in ("host", "ssl", "sslmode"):
+            raise ValueError(
+                f"has the query parameter {key!r}, which Countersign does not support; "
+                "use only host and ssl (or sslmode)"
+            )
+        if key == "host":
+            pairs.append((key, value))
+            continue
+        if value not in _SSL_MODES:
+            raise ValueError(f"has {key}={value!r}; use one of {', '.join(_SSL_MODES)}")
+        if any(name == "ssl" for name, _ in pairs):
+            raise ValueError("gives ssl (or sslmode) more than once")
+        pairs.append(("ssl", value))
+    return urlencode(pairs)
 
 
 def _raw_port(netloc: str) -> str:

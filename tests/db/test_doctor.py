@@ -12,7 +12,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,10 +23,10 @@ import pytest
 from countersign.config import Settings
 from countersign.db import doctor, migrations
 from countersign.domain.errors import StartupError
+from tests.support.cli import cli_env, countersign
 from tests.support.databases import SqliteTemplates, TestDatabase
 from tests.support.postgres import PostgresServer, free_port, run, unique_name
 
-CLI_TIMEOUT = 60
 NEWER_REVISION = "ffff00000002"
 """The revision a simulated newer Countersign adds on top of this version's head."""
 
@@ -51,32 +50,6 @@ class Checked:
     def failure(self) -> dict[str, Any]:
         """The first failed check (the one an operator should fix first)."""
         return next(check for check in self.report["checks"] if check["status"] == "fail")
-
-
-def cli_env(url: str, **extra: str) -> dict[str, str]:
-    """This process's environment without COUNTERSIGN_* variables, plus the database URL."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("COUNTERSIGN_")}
-    env["COUNTERSIGN_DATABASE_URL"] = url
-    env.update(extra)
-    return env
-
-
-def countersign(
-    *args: str, env: dict[str, str], cwd: Path, stdin: str = ""
-) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a subprocess; it never prints a traceback, whatever happens."""
-    finished = subprocess.run(
-        [sys.executable, "-m", "countersign", *args],
-        env=env,
-        cwd=cwd,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-        check=False,
-    )
-    assert "Traceback" not in finished.stdout + finished.stderr, finished.stderr
-    return finished
 
 
 def db_check(url: str, cwd: Path, **extra_env: str) -> Checked:

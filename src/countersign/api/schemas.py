@@ -11,7 +11,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from countersign.domain.models import (
     TITLE_MAX_LENGTH,
     ApprovalStatus,
+    Decision,
     MessageRole,
+    RunStatus,
     SessionStatus,
 )
 
@@ -136,3 +138,36 @@ class ApprovalOut(Out):
     decided_at: datetime | None
     reason: str | None
     expires_at: datetime
+
+
+class MessageCreate(Strict):
+    """A user message; it starts a run."""
+
+    content: Text = Field(min_length=1, max_length=100_000)
+
+
+class RunOut(Out):
+    """One agent turn."""
+
+    id: uuid.UUID
+    session_id: uuid.UUID
+    status: RunStatus
+    attempt: int
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class RunStartedOut(BaseModel):
+    """The stored message and the run it started (answered with 202)."""
+
+    message: MessageOut
+    run: RunOut
+
+
+class ApprovalDecision(Strict):
+    """A person's decision; ``arguments`` (approve only) replaces the call's arguments."""
+
+    decision: Decision
+    reason: Text | None = Field(default=None, max_length=2_000)
+    arguments: dict[str, Any] | None = None

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, and_, delete, func, or_, select, update
+from sqlalchemy import CursorResult, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,18 +20,23 @@ from countersign.db.tables import (
     AgentRow,
     ApiKeyRow,
     ApprovalRow,
+    EventRow,
     IdempotencyKeyRow,
     MessageRow,
+    RunRow,
     SessionRow,
     UserRow,
 )
 from countersign.domain.errors import (
+    AlreadyDecided,
     AlreadyExists,
     Conflict,
     CountersignError,
+    LeaseLost,
     NotFound,
     Unavailable,
 )
+from countersign.domain.events import EventType, NewEvent, RunEvent
 from countersign.domain.models import (
     Agent,
     AgentId,
@@ -40,16 +45,21 @@ from countersign.domain.models import (
     Approval,
     ApprovalId,
     ApprovalStatus,
+    ClaimedRun,
     JSONObject,
+    Lease,
     Message,
     MessageId,
     MessageRole,
+    Run,
     RunId,
+    RunStatus,
     Session,
     SessionId,
     SessionStatus,
     ToolPolicy,
     ToolSetting,
+    TurnContext,
     User,
     UserId,
 )
@@ -279,6 +289,300 @@ class MessageRepository:
         )
         return [_message(row) for row in rows]
 
+    async def add(self, message: Message) -> None:
+        """Insert a message; its ``seq`` must be the session's next (see ``next_seq``)."""
+        self._db.add(
+            MessageRow(
+                id=message.id,
+                session_id=message.session_id,
+                seq=message.seq,
+                role=message.role.value,
+                content=message.content,
+                run_id=message.run_id,
+                created_at=message.created_at,
+            )
+        )
+        await self._db.flush()
+
+    async def next_seq(self, session_id: SessionId) -> int:
+        """The ``seq`` the session's next message gets."""
+        newest = await self._db.scalar(
+            select(func.max(MessageRow.seq)).where(MessageRow.session_id == session_id)
+        )
+        return int(newest or 0) + 1
+
+
+class RunRepository:
+    """Runs, their leases and their event logs.
+
+    Every write an executor makes is fenced: it names the lease (owner and attempt) and the
+    ``running`` status, so a process that lost its lease (paused, partitioned) writes nothing.
+    """
+
+    def __init__(self, db_session: AsyncSession) -> None:
+        self._db = db_session
+
+    async def add(self, run: Run, *, at: datetime) -> None:
+        """Insert a new run; Conflict (RunActive upstream) if the session already has one."""
+        self._db.add(
+            RunRow(
+                id=run.id,
+                session_id=run.session_id,
+                status=run.status.value,
+                attempt=run.attempt,
+                error=run.error,
+                owner=None,
+                lease_expires_at=None,
+                history=None,
+                last_seq=0,
+                checkpoint_seq=0,
+                created_at=run.created_at,
+                updated_at=at,
+                finished_at=None,
+            )
+        )
+        await self._db.flush()
+
+    async def get(self, run_id: RunId, *, session_id: SessionId) -> Run | None:
+        """The run if it belongs to the session."""
+        row = await self._db.scalar(
+            select(RunRow).where(RunRow.id == run_id, RunRow.session_id == session_id)
+        )
+        return None if row is None else _run(row)
+
+    async def get_active(self, session_id: SessionId) -> Run | None:
+        """The session's run that has not ended, if there is one."""
+        row = await self._db.scalar(
+            select(RunRow).where(
+                RunRow.session_id == session_id,
+                RunRow.status.in_([status.value for status in _ACTIVE]),
+            )
+        )
+        return None if row is None else _run(row)
+
+    async def claim(self, *, owner: str, now: datetime, lease_until: datetime) -> ClaimedRun | None:
+        """Take the oldest queued run, or a running one whose lease ran out, in one statement."""
+        claimable = (
+            select(RunRow.id)
+            .where(
+                or_(
+                    RunRow.status == RunStatus.QUEUED.value,
+                    and_(
+                        RunRow.status == RunStatus.RUNNING.value,
+                        RunRow.lease_expires_at < now,
+                    ),
+                )
+            )
+            .order_by(RunRow.created_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        row = (
+            await self._db.execute(
+                update(RunRow)
+                .where(RunRow.id == claimable)
+                .values(
+                    status=RunStatus.RUNNING.value,
+                    owner=owner,
+                    attempt=RunRow.attempt + 1,
+                    lease_expires_at=lease_until,
+                    updated_at=now,
+                )
+                .returning(
+                    RunRow.id,
+                    RunRow.session_id,
+                    RunRow.attempt,
+                    RunRow.history,
+                    RunRow.last_seq,
+                    RunRow.checkpoint_seq,
+                    RunRow.created_at,
+                )
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        run = Run(
+            id=RunId(row.id),
+            session_id=SessionId(row.session_id),
+            status=RunStatus.RUNNING,
+            attempt=row.attempt,
+            error=None,
+            created_at=row.created_at,
+            finished_at=None,
+        )
+        return ClaimedRun(
+            run=run,
+            lease=Lease(owner=owner, attempt=row.attempt),
+            history=None if row.history is None else list(row.history),
+            last_seq=row.last_seq,
+            checkpoint_seq=row.checkpoint_seq,
+        )
+
+    async def extend_lease(self, run_id: RunId, lease: Lease, *, until: datetime) -> None:
+        """Push the lease out; LeaseLost if the run is no longer this lease's."""
+        result = await self._db.execute(
+            update(RunRow).where(*_fenced(run_id, lease)).values(lease_expires_at=until)
+        )
+        if _rowcount(result) == 0:
+            raise LeaseLost(f"run {run_id} is no longer held by {lease.owner}")
+
+    async def expire_leases(self, *, now: datetime) -> int:
+        """Make every running run claimable now (SQLite start-up: their process is gone)."""
+        result = await self._db.execute(
+            update(RunRow)
+            .where(RunRow.status == RunStatus.RUNNING.value)
+            .values(lease_expires_at=now)
+        )
+        return _rowcount(result)
+
+    async def append(
+        self,
+        run_id: RunId,
+        events: list[NewEvent],
+        *,
+        at: datetime,
+        lease: Lease | None = None,
+        expect: tuple[RunStatus, ...] = (),
+        values: JSONObject | None = None,
+        checkpoint: bool = False,
+    ) -> list[RunEvent]:
+        """Append events to the run's log with one fenced UPDATE (plus ``values``) and one INSERT.
+
+        With ``lease`` the write is the executor's: LeaseLost unless it still holds the run.
+        With ``expect`` it is a person's (a decision, a cancel): NotFound-like Conflict unless
+        the run is in one of those states.
+        """
+        conditions = (
+            _fenced(run_id, lease)
+            if lease is not None
+            else [RunRow.id == run_id, RunRow.status.in_([status.value for status in expect])]
+        )
+        changes: JSONObject = {"last_seq": RunRow.last_seq + len(events), "updated_at": at}
+        if checkpoint:
+            # The history stored with this write covers every event up to the new last_seq.
+            changes["checkpoint_seq"] = RunRow.last_seq + len(events)
+        bumped = (
+            await self._db.execute(
+                update(RunRow)
+                .where(*conditions)
+                .values(**changes, **(values or {}))
+                .returning(RunRow.last_seq, RunRow.attempt)
+            )
+        ).one_or_none()
+        if bumped is None:
+            if lease is not None:
+                raise LeaseLost(f"run {run_id} is no longer held by {lease.owner}")
+            states = " or ".join(status.value for status in expect)
+            raise Conflict(f"run {run_id} is no longer {states}")
+        last_seq, run_attempt = bumped
+        if not events:
+            return []
+        first = last_seq - len(events) + 1
+        stored = [
+            RunEvent(
+                run_id=run_id,
+                seq=first + index,
+                attempt=run_attempt,
+                type=event.type,
+                data=event.data,
+                created_at=at,
+            )
+            for index, event in enumerate(events)
+        ]
+        await self._db.execute(
+            insert(EventRow),
+            [
+                {
+                    "run_id": event.run_id,
+                    "seq": event.seq,
+                    "type": event.type.value,
+                    "attempt": event.attempt,
+                    "data": event.data,
+                    "created_at": event.created_at,
+                }
+                for event in stored
+            ],
+        )
+        return stored
+
+    async def events(self, run_id: RunId, *, after_seq: int, limit: int) -> list[RunEvent]:
+        """Up to ``limit`` events of the run after ``after_seq``, in order."""
+        rows = await self._db.scalars(
+            select(EventRow)
+            .where(EventRow.run_id == run_id, EventRow.seq > after_seq)
+            .order_by(EventRow.seq)
+            .limit(limit)
+        )
+        return [_event(row) for row in rows]
+
+    async def text_events(self, run_id: RunId) -> list[RunEvent]:
+        """The run's text.delta and run.started events: what its reply is made of."""
+        rows = await self._db.scalars(
+            select(EventRow)
+            .where(
+                EventRow.run_id == run_id,
+                EventRow.type.in_([EventType.TEXT_DELTA.value, EventType.RUN_STARTED.value]),
+            )
+            .order_by(EventRow.seq)
+        )
+        return [_event(row) for row in rows]
+
+    async def tool_calls_after(self, run_id: RunId, *, after_seq: int) -> list[RunEvent]:
+        """The run's tool.call and tool.result events after ``after_seq``."""
+        rows = await self._db.scalars(
+            select(EventRow)
+            .where(
+                EventRow.run_id == run_id,
+                EventRow.seq > after_seq,
+                EventRow.type.in_([EventType.TOOL_CALL.value, EventType.TOOL_RESULT.value]),
+            )
+            .order_by(EventRow.seq)
+        )
+        return [_event(row) for row in rows]
+
+    async def status_and_seq(self, run_id: RunId) -> tuple[RunStatus, int] | None:
+        """The run's status and newest event seq (what a stream follows), or None."""
+        row = (
+            await self._db.execute(
+                select(RunRow.status, RunRow.last_seq).where(RunRow.id == run_id)
+            )
+        ).one_or_none()
+        return None if row is None else (RunStatus(row.status), row.last_seq)
+
+    async def turn_context(self, run_id: RunId, *, session_id: SessionId) -> TurnContext:
+        """The agent, workspace, prompt and prior history a run's turn needs."""
+        found = (
+            await self._db.execute(
+                select(AgentRow, SessionRow.workspace)
+                .join(SessionRow, SessionRow.agent_id == AgentRow.id)
+                .where(SessionRow.id == session_id)
+            )
+        ).one_or_none()
+        if found is None:
+            raise NotFound(f"session {session_id} not found")
+        prompt = await self._db.scalar(
+            select(MessageRow.content).where(
+                MessageRow.run_id == run_id, MessageRow.role == MessageRole.USER.value
+            )
+        )
+        prior = await self._db.scalar(
+            select(RunRow.history)
+            .where(
+                RunRow.session_id == session_id,
+                RunRow.status == RunStatus.SUCCEEDED.value,
+                RunRow.id != run_id,
+            )
+            .order_by(RunRow.created_at.desc())
+            .limit(1)
+        )
+        return TurnContext(
+            agent=_agent(found[0]),
+            workspace=found[1],
+            prompt=prompt or "",
+            prior_history=None if prior is None else list(prior),
+        )
+
 
 class ApprovalRepository:
     """Tool calls waiting for, or given, a person's decision."""
@@ -299,6 +603,112 @@ class ApprovalRepository:
             conditions.append(ApprovalRow.id > after)
         rows = await self._db.scalars(
             select(ApprovalRow).where(and_(*conditions)).order_by(ApprovalRow.id).limit(limit)
+        )
+        return [_approval(row) for row in rows]
+
+    async def add(self, approval: Approval) -> None:
+        """Insert a pending approval."""
+        self._db.add(
+            ApprovalRow(
+                id=approval.id,
+                run_id=approval.run_id,
+                session_id=approval.session_id,
+                tool_call_id=approval.tool_call_id,
+                tool=approval.tool,
+                arguments=approval.arguments,
+                status=approval.status.value,
+                decided_by=approval.decided_by,
+                decided_at=approval.decided_at,
+                reason=approval.reason,
+                expires_at=approval.expires_at,
+                created_at=approval.created_at,
+            )
+        )
+        await self._db.flush()
+
+    async def get(self, approval_id: ApprovalId, *, session_id: SessionId) -> Approval | None:
+        """The approval if it belongs to the session."""
+        row = await self._db.scalar(
+            select(ApprovalRow).where(
+                ApprovalRow.id == approval_id, ApprovalRow.session_id == session_id
+            )
+        )
+        return None if row is None else _approval(row)
+
+    async def save_decision(self, approval: Approval) -> None:
+        """Record a decision; AlreadyDecided-style Conflict if someone decided first."""
+        result = await self._db.execute(
+            update(ApprovalRow)
+            .where(
+                ApprovalRow.id == approval.id,
+                ApprovalRow.status == ApprovalStatus.PENDING.value,
+            )
+            .values(
+                status=approval.status.value,
+                decided_by=approval.decided_by,
+                decided_at=approval.decided_at,
+                reason=approval.reason,
+                arguments=approval.arguments,
+            )
+        )
+        if _rowcount(result) == 0:
+            raise AlreadyDecided(f"approval {approval.id} was decided by another request")
+
+    async def for_run(self, run_id: RunId) -> list[Approval]:
+        """Every approval of the run, oldest first."""
+        rows = await self._db.scalars(
+            select(ApprovalRow).where(ApprovalRow.run_id == run_id).order_by(ApprovalRow.id)
+        )
+        return [_approval(row) for row in rows]
+
+    async def count_pending(self, run_id: RunId) -> int:
+        """How many of the run's approvals still wait."""
+        count = await self._db.scalar(
+            select(func.count())
+            .select_from(ApprovalRow)
+            .where(ApprovalRow.run_id == run_id, ApprovalRow.status == ApprovalStatus.PENDING.value)
+        )
+        return int(count or 0)
+
+    async def pending_of_run(self, run_id: RunId) -> Approval | None:
+        """The run's oldest pending approval, if any."""
+        row = await self._db.scalar(
+            select(ApprovalRow)
+            .where(ApprovalRow.run_id == run_id, ApprovalRow.status == ApprovalStatus.PENDING.value)
+            .order_by(ApprovalRow.id)
+            .limit(1)
+        )
+        return None if row is None else _approval(row)
+
+    async def expire(self, approval_id: ApprovalId, *, reason: str, at: datetime) -> bool:
+        """Mark one pending approval expired; False if it was decided meanwhile."""
+        result = await self._db.execute(
+            update(ApprovalRow)
+            .where(
+                ApprovalRow.id == approval_id, ApprovalRow.status == ApprovalStatus.PENDING.value
+            )
+            .values(status=ApprovalStatus.EXPIRED.value, reason=reason, decided_at=at)
+        )
+        return _rowcount(result) == 1
+
+    async def expire_pending_of_run(self, run_id: RunId, *, reason: str, at: datetime) -> int:
+        """Mark every pending approval of the run expired (the run ended without them)."""
+        result = await self._db.execute(
+            update(ApprovalRow)
+            .where(ApprovalRow.run_id == run_id, ApprovalRow.status == ApprovalStatus.PENDING.value)
+            .values(status=ApprovalStatus.EXPIRED.value, reason=reason, decided_at=at)
+        )
+        return _rowcount(result)
+
+    async def expired(self, *, now: datetime, limit: int) -> list[Approval]:
+        """Pending approvals whose time ran out."""
+        rows = await self._db.scalars(
+            select(ApprovalRow)
+            .where(
+                ApprovalRow.status == ApprovalStatus.PENDING.value, ApprovalRow.expires_at <= now
+            )
+            .order_by(ApprovalRow.expires_at)
+            .limit(limit)
         )
         return [_approval(row) for row in rows]
 
@@ -416,6 +826,41 @@ def _message(row: MessageRow) -> Message:
     )
 
 
+_ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.AWAITING_APPROVAL)
+
+
+def _fenced(run_id: RunId, lease: Lease) -> list[Any]:
+    return [
+        RunRow.id == run_id,
+        RunRow.owner == lease.owner,
+        RunRow.attempt == lease.attempt,
+        RunRow.status == RunStatus.RUNNING.value,
+    ]
+
+
+def _run(row: RunRow) -> Run:
+    return Run(
+        id=RunId(row.id),
+        session_id=SessionId(row.session_id),
+        status=RunStatus(row.status),
+        attempt=row.attempt,
+        error=row.error,
+        created_at=row.created_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _event(row: EventRow) -> RunEvent:
+    return RunEvent(
+        run_id=RunId(row.run_id),
+        seq=row.seq,
+        attempt=row.attempt,
+        type=EventType(row.type),
+        data=dict(row.data),
+        created_at=row.created_at,
+    )
+
+
 def _approval(row: ApprovalRow) -> Approval:
     return Approval(
         id=ApprovalId(row.id),
@@ -429,4 +874,5 @@ def _approval(row: ApprovalRow) -> Approval:
         reason=row.reason,
         expires_at=row.expires_at,
         created_at=row.created_at,
+        tool_call_id=row.tool_call_id,
     )

@@ -181,6 +181,10 @@ class RunRow(Base):
     lease_expires_at: Mapped[datetime | None]
     history: Mapped[list[Any] | None]
     """The agent's message history (pydantic-ai JSON), stored after each model response."""
+    last_seq: Mapped[int] = mapped_column(Integer)
+    """The seq of the run's newest event; appending bumps it (fenced by owner and attempt)."""
+    checkpoint_seq: Mapped[int] = mapped_column(Integer)
+    """``last_seq`` when ``history`` was stored: tool calls after it are not in the history."""
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]

@@ -22,6 +22,7 @@ from countersign.db.repositories import (
     ApprovalRepository,
     IdempotencyRepository,
     MessageRepository,
+    RunRepository,
     SessionRepository,
     UserRepository,
     translate_error,
@@ -38,6 +39,7 @@ class UnitOfWork:
     agents: AgentRepository
     sessions: SessionRepository
     messages: MessageRepository
+    runs: RunRepository
     approvals: ApprovalRepository
     idempotency: IdempotencyRepository
 
@@ -69,6 +71,7 @@ class UnitOfWork:
         self.agents = AgentRepository(db_session)
         self.sessions = SessionRepository(db_session)
         self.messages = MessageRepository(db_session)
+        self.runs = RunRepository(db_session)
         self.approvals = ApprovalRepository(db_session)
         self.idempotency = IdempotencyRepository(db_session)
         return self

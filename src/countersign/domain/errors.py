@@ -5,11 +5,14 @@
     CountersignError
     ├── NotFound                  a resource is missing or not the caller's (404)
     ├── Conflict                  the request clashes with the current state (409)
-    │   └── AlreadyExists         a unique value is taken (409)
+    │   ├── AlreadyExists         a unique value is taken (409)
+    │   ├── RunActive             the session already has an active run (409)
+    │   └── AlreadyDecided        the approval was decided before (409)
     ├── InvalidInput              the request is well-formed but not acceptable (422)
     │   └── IdempotencyKeyReused  an Idempotency-Key came back with another body (422)
     ├── Unauthenticated           no or bad credentials (401)
     ├── Unavailable               the database is busy or unreachable right now (503)
+    ├── LeaseLost                 an executor's write found the run no longer its own
     └── StartupError              the server cannot start; one sentence and a hint
         └── ConfigError           a setting is invalid (CLI exit code 2)
 """
@@ -46,6 +49,18 @@ class AlreadyExists(Conflict):
     code = "already_exists"
 
 
+class RunActive(Conflict):
+    """A session takes one run at a time; ``detail`` names the active run and its approval."""
+
+    code = "run_active"
+
+
+class AlreadyDecided(Conflict):
+    """An approval can be decided once."""
+
+    code = "already_decided"
+
+
 class InvalidInput(CountersignError):
     """The request is well-formed but its content is not acceptable."""
 
@@ -68,6 +83,12 @@ class Unavailable(CountersignError):
     """The database could not serve the request right now; retrying may work."""
 
     code = "unavailable"
+
+
+class LeaseLost(CountersignError):
+    """The run was taken over (or ended) while this executor worked on it; stop writing."""
+
+    code = "lease_lost"
 
 
 class StartupError(CountersignError):

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Generic, NewType, Protocol, TypeVar
 
-from countersign.domain.errors import InvalidInput
+from countersign.domain.errors import AlreadyDecided, InvalidInput
 
 if sys.version_info >= (3, 14):  # pragma: no cover - exercised on 3.14 only
     from uuid import uuid7 as _uuid7
@@ -92,6 +92,13 @@ class ApprovalStatus(StrEnum):
     APPROVED = "approved"
     REJECTED = "rejected"
     EXPIRED = "expired"
+
+
+class Decision(StrEnum):
+    """What a person answers to a pending approval."""
+
+    APPROVE = "approve"
+    REJECT = "reject"
 
 
 class ToolPolicy(StrEnum):
@@ -218,6 +225,37 @@ class Run:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """An executor's hold on a running run; every write of the run is fenced by it."""
+
+    owner: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRun:
+    """What an executor gets when it claims a run: enough to carry out the turn."""
+
+    run: Run
+    lease: Lease
+    history: list[Any] | None
+    """The stored pydantic-ai history (JSON), or None before the first checkpoint."""
+    last_seq: int
+    checkpoint_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """The session side of a run: its agent, its workspace and the message that started it."""
+
+    agent: Agent
+    workspace: str | None
+    prompt: str
+    prior_history: list[Any] | None
+    """The history the session's previous successful run left, for a run's first attempt."""
+
+
+@dataclass(frozen=True, slots=True)
 class Approval:
     """A tool call waiting for a person's decision."""
 
@@ -232,6 +270,40 @@ class Approval:
     reason: str | None
     expires_at: datetime
     created_at: datetime = field(compare=False)
+    tool_call_id: str = field(default="", compare=False)
+
+    def decide(
+        self,
+        decision: Decision,
+        *,
+        by: UserId,
+        at: datetime,
+        reason: str | None = None,
+        arguments: JSONObject | None = None,
+    ) -> Approval:
+        """This approval decided by a person; AlreadyDecided unless it is still pending."""
+        if self.status is not ApprovalStatus.PENDING:
+            raise AlreadyDecided(
+                f"approval {self.id} is already {self.status.value}",
+                detail={"approval_id": str(self.id), "status": self.status.value},
+            )
+        if at >= self.expires_at:
+            raise AlreadyDecided(
+                f"approval {self.id} has expired",
+                detail={"approval_id": str(self.id), "status": ApprovalStatus.EXPIRED.value},
+            )
+        if decision is Decision.REJECT and arguments is not None:
+            raise InvalidInput("arguments can only be given when approving")
+        return replace(
+            self,
+            status=ApprovalStatus.APPROVED
+            if decision is Decision.APPROVE
+            else ApprovalStatus.REJECTED,
+            decided_by=by,
+            decided_at=at,
+            reason=reason,
+            arguments=self.arguments if arguments is None else arguments,
+        )
 
 
 @dataclass(frozen=True, slots=True)

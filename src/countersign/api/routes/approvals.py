@@ -1,4 +1,5 @@
-"""``/sessions/{id}/pending-approvals``: tool calls that wait for a person."""
+"""``/sessions/{id}/pending-approvals`` and ``/sessions/{id}/approvals/{id}``: tool calls that
+wait for a person, and deciding them."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from fastapi import APIRouter
 from countersign.api.deps import AuthenticatedRoute, CurrentUser, Services
 from countersign.api.routes import API_PREFIX
 from countersign.api.routes.sessions import NOT_FOUND, Cursor, Limit
-from countersign.api.schemas import API_ERRORS, ApprovalOut, Page
-from countersign.domain.models import SessionId
-from countersign.services import sessions
+from countersign.api.schemas import API_ERRORS, ApprovalDecision, ApprovalOut, ErrorBody, Page
+from countersign.domain.models import ApprovalId, SessionId
+from countersign.services import approvals, sessions
 
 router = APIRouter(
     prefix=f"{API_PREFIX}/sessions/{{session_id}}",
@@ -37,3 +38,28 @@ async def list_pending_approvals(
         items=[ApprovalOut.model_validate(item) for item in page.items],
         next_cursor=page.next_cursor,
     )
+
+
+@router.post(
+    "/approvals/{approval_id}",
+    responses={**NOT_FOUND, 409: {"model": ErrorBody, "description": "Already decided"}},
+)
+async def decide_approval(
+    session_id: uuid.UUID,
+    approval_id: uuid.UUID,
+    body: ApprovalDecision,
+    user: CurrentUser,
+    services: Services,
+) -> ApprovalOut:
+    """Approve (optionally with edited `arguments`) or reject a pending tool call; the run
+    resumes. 409 if it was already decided or has expired."""
+    decided = await approvals.decide_approval(
+        services,
+        actor=user.id,
+        session_id=SessionId(session_id),
+        approval_id=ApprovalId(approval_id),
+        decision=body.decision,
+        reason=body.reason,
+        arguments=body.arguments,
+    )
+    return ApprovalOut.model_validate(decided)

@@ -1,0 +1,1 @@
+"""pydantic-ai glue: models by name, tools, and one agent turn; never touches the database."""

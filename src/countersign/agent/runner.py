@@ -1,0 +1,187 @@
+"""One agent turn: (profile, stored history, decisions) → text, tool records, checkpoints.
+
+The runner knows pydantic-ai and nothing of the database: it reports through a ``TurnSink``
+that the executor implements (and commits). It ends in one of two ways: the model answered
+(``TurnOutcome.reply`` is set) or some tool calls wait for a person (``TurnOutcome.requests``).
+Nothing here waits for a person: a paused turn is resumed later, maybe by another process,
+from the history it left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic_ai import Agent, DeferredToolRequests, DeferredToolResults, ToolApproved, ToolDenied
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelMessagesTypeAdapter,
+    ModelRequest,
+    ModelResponse,
+    PartDeltaEvent,
+    PartStartEvent,
+    RetryPromptPart,
+    TextPart,
+    TextPartDelta,
+    ToolCallPart,
+    ToolReturnPart,
+)
+from pydantic_ai.models import Model
+
+from countersign.agent.tools import ToolJournal, ToolLimits, TurnDeps, build_toolset
+from countersign.domain.models import JSONObject, ToolSetting
+
+
+class TurnSink(ToolJournal, Protocol):
+    """Where a turn reports: text as it streams, tool records, and history checkpoints."""
+
+    async def text(self, delta: str) -> None:
+        """A piece of the reply."""
+
+    async def checkpoint(self, history: list[Any]) -> None:
+        """The history so far (JSON), from which a retried attempt can continue."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A person's answer to one deferred tool call."""
+
+    approved: bool
+    arguments: JSONObject | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRequest:
+    """A tool call that waits for a person."""
+
+    call_id: str
+    tool: str
+    arguments: JSONObject
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    """Everything one turn needs."""
+
+    model: Model
+    instructions: str
+    tools: tuple[ToolSetting, ...]
+    workspace: Path
+    limits: ToolLimits
+    history: list[Any] | None
+    """Stored history (JSON) to continue from, or None."""
+    prompt: str | None
+    """The user's message, when this turn starts from it (not when continuing)."""
+    answers: dict[str, Answer] = field(default_factory=dict)
+    """Answers to the deferred calls the history ends with, by tool call id."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnOutcome:
+    """How a turn ended: a reply, or tool calls that wait for a person."""
+
+    history: list[Any]
+    reply: str | None
+    requests: tuple[ToolRequest, ...] = ()
+
+
+def open_tool_calls(history: list[Any] | None) -> list[str]:
+    """The ids of tool calls the history asks for but has no result for (deferred calls)."""
+    if not history:
+        return []
+    messages = ModelMessagesTypeAdapter.validate_python(history)
+    answered = {
+        part.tool_call_id
+        for message in messages
+        if isinstance(message, ModelRequest)
+        for part in message.parts
+        if isinstance(part, ToolReturnPart | RetryPromptPart)
+    }
+    last = messages[-1]
+    if not isinstance(last, ModelResponse):
+        return []
+    return [
+        part.tool_call_id
+        for part in last.parts
+        if isinstance(part, ToolCallPart) and part.tool_call_id not in answered
+    ]
+
+
+async def run_turn(request: TurnRequest, sink: TurnSink) -> TurnOutcome:
+    """Run the agent until it answers or needs a person; report everything to ``sink``."""
+    agent: Agent[TurnDeps, str | DeferredToolRequests] = Agent(
+        request.model,
+        instructions=request.instructions or None,
+        deps_type=TurnDeps,
+        output_type=[str, DeferredToolRequests],
+        toolsets=[build_toolset(request.tools)],
+    )
+    history = _messages(request.history)
+    results = _deferred_results(request.answers) if request.answers else None
+    deps = TurnDeps(workspace=request.workspace, journal=sink, limits=request.limits)
+    reply: list[str] = []
+    async with agent.iter(
+        request.prompt,
+        message_history=history,
+        deferred_tool_results=results,
+        deps=deps,
+    ) as run:
+        node = run.next_node
+        while not Agent.is_end_node(node):
+            if Agent.is_model_request_node(node):
+                async with node.stream(run.ctx) as stream:
+                    async for event in stream:
+                        text = _text_of(event)
+                        if text:
+                            reply.append(text)
+                            await sink.text(text)
+            node = await run.next(node)
+            if Agent.is_model_request_node(node):
+                # About to ask the model: what it will be asked is a safe point to resume from.
+                await sink.checkpoint(_json([*run.all_messages(), node.request]))
+        assert run.result is not None
+        output = run.result.output
+        final = _json(run.result.all_messages())
+    if isinstance(output, DeferredToolRequests):
+        return TurnOutcome(
+            history=final,
+            reply=None,
+            requests=tuple(
+                ToolRequest(call.tool_call_id, call.tool_name, call.args_as_dict())
+                for call in output.approvals
+            ),
+        )
+    return TurnOutcome(history=final, reply="".join(reply))
+
+
+def _text_of(event: object) -> str:
+    if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
+        return event.part.content
+    if isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
+        return event.delta.content_delta
+    return ""
+
+
+def _deferred_results(answers: dict[str, Answer]) -> DeferredToolResults:
+    approvals: dict[str, bool | ToolApproved | ToolDenied] = {}
+    for call_id, answer in answers.items():
+        if answer.approved:
+            approvals[call_id] = ToolApproved(override_args=answer.arguments)
+        else:
+            reason = answer.reason or "no reason given"
+            approvals[call_id] = ToolDenied(f"A person rejected this tool call: {reason}")
+    return DeferredToolResults(approvals=approvals)
+
+
+def _messages(history: list[Any] | None) -> Sequence[ModelMessage] | None:
+    if not history:
+        return None
+    return ModelMessagesTypeAdapter.validate_python(history)
+
+
+def _json(messages: Sequence[ModelMessage]) -> list[Any]:
+    dumped: list[Any] = ModelMessagesTypeAdapter.dump_python(list(messages), mode="json")
+    return dumped

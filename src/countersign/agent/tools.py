@@ -1,0 +1,421 @@
+"""The built-in tools (workspace files and a shell command) and their policies auto|ask|deny.
+
+This module owns what a tool call may touch and how it is recorded:
+
+- every path a tool takes is resolved inside the turn's workspace, symlinks followed, and
+  refused when it lands outside;
+- ``shell`` runs a command split into arguments (no interpreter unless configured), in the
+  workspace, with a minimal environment and a timeout that stops the whole process group;
+- every call that reaches a tool is journaled ``started`` before it runs and ``finished`` with
+  its output after, so a crash between the two is visible as an outcome nobody knows.
+
+Expected failures (a missing file, a refused path, a failing command) are the tool's output,
+so the model can react; only unexpected errors propagate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+from pydantic import ValidationError
+from pydantic_ai import RunContext, Tool
+from pydantic_ai.tools import ToolFuncContext
+from pydantic_ai.toolsets import FunctionToolset, ToolsetTool
+from pydantic_core import to_jsonable_python
+
+from countersign.domain.errors import InvalidInput
+from countersign.domain.models import ToolPolicy, ToolSetting
+
+
+class ToolJournal(Protocol):
+    """Where a tool call is recorded; the executor commits each record before returning."""
+
+    async def tool_started(self, *, call_id: str, tool: str, arguments: dict[str, Any]) -> None:
+        """A tool is about to run with these (validated) arguments."""
+
+    async def tool_finished(self, *, call_id: str, tool: str, output: str) -> None:
+        """A tool has run (or was refused) and this is what the model gets back."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolLimits:
+    """Bounds on what one tool call may take."""
+
+    shell_timeout: float = 30.0
+    """Seconds a shell command may run before its process group is killed."""
+    output_max_chars: int = 16_000
+    """Cap on any tool's output; a cut output says so."""
+    shell_interpreter: bool = False
+    """True: run commands through ``/bin/sh -c``; False: ``shlex.split`` and exec, no shell."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnDeps:
+    """What the tools of one agent turn get through pydantic-ai's RunContext.deps."""
+
+    workspace: Path
+    journal: ToolJournal
+    limits: ToolLimits
+
+
+class _ToolProblem(Exception):
+    """An expected failure whose message is the tool's output (the model can react to it)."""
+
+
+# The command's environment is fixed rather than inherited: the server's environment holds
+# secrets (database URL, API keys) that a command must not see.
+_SHELL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# After the command ends and its group is killed, the output pipe closes at once unless a
+# process that left the group (setsid, a daemon) still holds it; don't wait on that forever.
+_OUTPUT_GRACE_SECONDS = 2.0
+
+
+# --- paths -------------------------------------------------------------------------------
+
+
+def _workspace_root(deps: TurnDeps) -> Path:
+    """The resolved workspace folder, created on first use."""
+    deps.workspace.mkdir(parents=True, exist_ok=True)
+    return deps.workspace.resolve()
+
+
+def _inside(root: Path, path: str) -> Path:
+    """Resolve ``path`` against the workspace ``root``; refuse it unless it stays inside."""
+    if "\x00" in path:
+        raise _ToolProblem(f"path {path!r} contains a NUL byte")
+    candidate = Path(path)
+    if candidate.is_absolute():
+        raise _ToolProblem(f"path {path} is outside the workspace")
+    try:
+        # resolve() follows every symlink on the way (a linked file or a linked directory in
+        # the middle), so what is checked is where the path really leads, not how it reads.
+        resolved = (root / candidate).resolve(strict=False)
+    except (RuntimeError, OSError) as exc:
+        # Python 3.11 reports a symlink loop as RuntimeError.
+        raise _ToolProblem(f"path {path} cannot be resolved: {exc}") from None
+    if not resolved.is_relative_to(root):
+        raise _ToolProblem(f"path {path} is outside the workspace")
+    # A symlink swapped in between this check and the use (by a command still running in the
+    # background) is not caught here; commands need a person's approval by default.
+    return resolved
+
+
+def _cap(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}\n... [output cut at {limit} characters]"
+
+
+# --- the tools (their docstrings are what the model reads) --------------------------------
+
+
+def list_files(ctx: RunContext[TurnDeps], path: str = ".") -> str:
+    """List the entries of one folder in the workspace (one level, not recursive).
+
+    Entries are relative to the workspace, sorted, one per line; folders end with "/",
+    symbolic links with "@".
+
+    Args:
+        path: The folder to list, relative to the workspace.
+    """
+    root = _workspace_root(ctx.deps)
+    folder = _inside(root, path)
+    if not folder.exists():
+        raise _ToolProblem(f"folder {path} does not exist")
+    if not folder.is_dir():
+        raise _ToolProblem(f"path {path} is not a folder")
+    entries: list[str] = []
+    for child in sorted(folder.iterdir()):
+        name = child.relative_to(root).as_posix()
+        if child.is_symlink():
+            entries.append(f"{name}@")
+        elif child.is_dir():
+            entries.append(f"{name}/")
+        else:
+            entries.append(name)
+    return "\n".join(entries) if entries else f"(folder {path} is empty)"
+
+
+def read_file(ctx: RunContext[TurnDeps], path: str) -> str:
+    """Read a text file in the workspace (UTF-8; long files are cut).
+
+    Args:
+        path: The file to read, relative to the workspace.
+    """
+    root = _workspace_root(ctx.deps)
+    target = _inside(root, path)
+    if not target.exists():
+        raise _ToolProblem(f"file {path} does not exist")
+    if not target.is_file():
+        # Also keeps FIFOs and devices out: reading one could block forever.
+        raise _ToolProblem(f"path {path} is not a file")
+    limit = ctx.deps.limits.output_max_chars
+    with target.open(encoding="utf-8", errors="replace") as file:
+        # One character past the cap is enough to know the text was cut; a huge file is never
+        # read whole.
+        return file.read(limit + 1)
+
+
+def write_file(ctx: RunContext[TurnDeps], path: str, content: str) -> str:
+    """Write a text file in the workspace (UTF-8), creating its folders; replaces an old file.
+
+    Args:
+        path: The file to write, relative to the workspace.
+        content: The whole new content of the file.
+    """
+    root = _workspace_root(ctx.deps)
+    target = _inside(root, path)
+    if target == root or target.is_dir():
+        raise _ToolProblem(f"path {path} is a folder")
+    data = content.encode("utf-8")
+    # The parents lie between the workspace and the checked target, so they are inside too.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return f"wrote {len(data)} bytes to {path}"
+
+
+async def shell(ctx: RunContext[TurnDeps], command: str) -> str:
+    """Run a command in the workspace and return its combined output.
+
+    The command is split into arguments like a shell would (quotes work), but it is not run
+    by a shell unless the server is set up so: pipes, redirections, variables and ";" are then
+    passed literally. Background processes are stopped when the command ends.
+
+    Args:
+        command: The command line, e.g. "ls -la" or "python3 script.py".
+    """
+    deps = ctx.deps
+    root = _workspace_root(deps)
+    limits = deps.limits
+    if limits.shell_interpreter:
+        argv = ["/bin/sh", "-c", command]
+    else:
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise _ToolProblem(f"cannot split the command into arguments: {exc}") from None
+    if not argv:
+        raise _ToolProblem("the command is empty")
+    if any("\x00" in argument for argument in argv):
+        raise _ToolProblem("the command contains a NUL byte")
+    # Enough bytes for output_max_chars characters of UTF-8, plus one to know it was cut.
+    keep_bytes = 4 * (limits.output_max_chars + 1)
+    loop = asyncio.get_running_loop()
+    try:
+        transport, output = await loop.subprocess_exec(
+            lambda: _CommandOutput(keep_bytes),
+            *argv,
+            cwd=root,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={"PATH": _SHELL_PATH, "HOME": str(root), "LANG": "C.UTF-8"},
+            # Its own process group, so a timeout can stop every process it started.
+            start_new_session=True,
+        )
+    except FileNotFoundError:
+        raise _ToolProblem(f"command not found: {argv[0]}") from None
+    except PermissionError:
+        raise _ToolProblem(f"permission denied: {argv[0]}") from None
+    timed_out = False
+    try:
+        try:
+            async with asyncio.timeout(limits.shell_timeout):
+                await output.exited.wait()
+        except TimeoutError:
+            timed_out = True
+        _kill_group(transport.get_pid())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_OUTPUT_GRACE_SECONDS):
+                await output.closed.wait()
+                await output.exited.wait()
+    finally:
+        # Also on cancellation: no process of this call outlives it.
+        _kill_group(transport.get_pid())
+        transport.close()
+    text = _cap(output.text(), limits.output_max_chars)
+    # The status goes first so that cutting a long output never hides it.
+    if timed_out:
+        return f"timed out after {limits.shell_timeout:g} s; output so far:\n{text}"
+    code = transport.get_returncode()
+    if code:
+        return f"exit code {code}\n{text}"
+    return text
+
+
+class _CommandOutput(asyncio.SubprocessProtocol):
+    """Collects a command's combined output (bounded) and tells when it ended."""
+
+    def __init__(self, keep_bytes: int) -> None:
+        self._keep_bytes = keep_bytes
+        self._kept = bytearray()
+        self.exited = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        room = self._keep_bytes - len(self._kept)
+        if room > 0:
+            self._kept += data[:room]
+        # Beyond the cap the data is dropped, but still read, so the command never blocks on
+        # a full pipe.
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self.closed.set()
+
+    def process_exited(self) -> None:
+        self.exited.set()
+
+    def text(self) -> str:
+        return self._kept.decode("utf-8", errors="replace")
+
+
+def _kill_group(pid: int) -> None:
+    # The group id is the command's pid (start_new_session); it is gone once all its members are.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+# --- the toolset --------------------------------------------------------------------------
+
+_FUNCTIONS: dict[str, ToolFuncContext[TurnDeps, ...]] = {
+    "list_files": list_files,
+    "read_file": read_file,
+    "write_file": write_file,
+    "shell": shell,
+}
+BUILTIN_TOOLS: frozenset[str] = frozenset(_FUNCTIONS)
+
+
+@cache
+def _reference_tool(name: str) -> Tool[TurnDeps]:
+    """The tool as pydantic-ai sees it: its schema, validator and description are built once."""
+    return Tool(_FUNCTIONS[name])
+
+
+class _BuiltinToolset(FunctionToolset[TurnDeps]):
+    """The built-in tools of one agent, journaling each call and refusing the denied ones."""
+
+    def __init__(self, *, denied: frozenset[str]) -> None:
+        super().__init__()
+        self._denied = denied
+
+    async def call_tool(
+        self,
+        name: str,
+        tool_args: dict[str, Any],
+        ctx: RunContext[TurnDeps],
+        tool: ToolsetTool[TurnDeps],
+    ) -> Any:
+        """Run one validated call between a ``started`` and a ``finished`` record."""
+        # pydantic-ai calls this only with validated arguments, and for a tool that needs
+        # approval only once a person approved it: the one place every real run passes.
+        call_id = ctx.tool_call_id
+        if call_id is None:
+            raise RuntimeError(f"the tool {name} was called outside an agent run")
+        journal = ctx.deps.journal
+        arguments: dict[str, Any] = to_jsonable_python(tool_args)
+        await journal.tool_started(call_id=call_id, tool=name, arguments=arguments)
+        try:
+            output = await self._output(name, tool_args, ctx, tool)
+        except BaseException as exc:
+            # A started call must always be closed, or it would look unfinished and never be
+            # retried; shielded so that a cancelled run still records it.
+            with anyio.CancelScope(shield=True):
+                await journal.tool_finished(call_id=call_id, tool=name, output=_stopped(name, exc))
+            raise
+        await journal.tool_finished(call_id=call_id, tool=name, output=output)
+        return output
+
+    async def _output(
+        self,
+        name: str,
+        tool_args: dict[str, Any],
+        ctx: RunContext[TurnDeps],
+        tool: ToolsetTool[TurnDeps],
+    ) -> str:
+        if name in self._denied:
+            return f"The tool {name} is not allowed by this agent's policy."
+        try:
+            result = await super().call_tool(name, tool_args, ctx, tool)
+        except _ToolProblem as problem:
+            return str(problem)
+        except OSError as exc:
+            # The file system said no (permissions, disk full, name too long...); strerror
+            # rather than str(exc), which would show the server's absolute paths.
+            return f"{name} failed: {exc.strerror or type(exc).__name__}"
+        return _cap(str(result), ctx.deps.limits.output_max_chars)
+
+
+def _stopped(name: str, exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return f"the tool {name} was cancelled before it finished"
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return f"the tool {name} failed unexpectedly: {detail}"
+
+
+def build_toolset(tools: Sequence[ToolSetting]) -> FunctionToolset[TurnDeps]:
+    """The toolset for an agent's tool settings; unknown names raise InvalidInput."""
+    names = [setting.name for setting in tools]
+    for name in names:
+        _check_known(name)
+        if names.count(name) > 1:
+            raise InvalidInput(f"tool {name} is listed more than once")
+    toolset = _BuiltinToolset(
+        denied=frozenset(s.name for s in tools if s.policy == ToolPolicy.DENY),
+    )
+    for setting in tools:
+        reference = _reference_tool(setting.name)
+        toolset.add_tool(
+            Tool(
+                reference.function,
+                function_schema=reference.function_schema,
+                requires_approval=setting.policy == ToolPolicy.ASK,
+                # One at a time: the tools share a workspace, and the journal then reads in the
+                # order things happened.
+                sequential=True,
+            )
+        )
+    return toolset
+
+
+def validate_tool_arguments(tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Check arguments against the tool's own schema; return them as plain JSON values."""
+    _check_known(tool)
+    validator = _reference_tool(tool).function_schema.validator
+    try:
+        validated = validator.validate_python(arguments)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'arguments'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise InvalidInput(
+            f"invalid arguments for tool {tool}: {problems}",
+            detail=exc.errors(include_url=False, include_context=False, include_input=False),
+        ) from None
+    plain: dict[str, Any] = to_jsonable_python(validated)
+    return plain
+
+
+def tool_descriptions() -> dict[str, str]:
+    """Each built-in tool's name and the first line of its description."""
+    return {
+        name: (_reference_tool(name).description or name).splitlines()[0]
+        for name in sorted(BUILTIN_TOOLS)
+    }
+
+
+def _check_known(name: str) -> None:
+    if name not in BUILTIN_TOOLS:
+        known = ", ".join(sorted(BUILTIN_TOOLS))
+        raise InvalidInput(f"unknown tool: {name}; built-in tools are {known}")

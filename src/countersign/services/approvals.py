@@ -1,0 +1,103 @@
+"""Approvals: a person decides a pending tool call, or its time runs out.
+
+The decision and the run's re-queueing are one transaction, so nothing waits in memory for a
+person: any server process can then claim the run and resume it.
+"""
+
+from __future__ import annotations
+
+from countersign.agent.tools import validate_tool_arguments
+from countersign.db.uow import UnitOfWork
+from countersign.domain.errors import NotFound
+from countersign.domain.events import EventType, NewEvent
+from countersign.domain.models import (
+    Approval,
+    ApprovalId,
+    Decision,
+    JSONObject,
+    RunStatus,
+    SessionId,
+    UserId,
+)
+from countersign.services import ServiceDeps
+from countersign.services.sessions import SESSION_NOT_FOUND
+
+APPROVAL_NOT_FOUND = "approval not found"
+REASON_MAX_LENGTH = 2_000
+EXPIRED_REASON = "expired"
+
+
+async def decide_approval(
+    deps: ServiceDeps,
+    *,
+    actor: UserId,
+    session_id: SessionId,
+    approval_id: ApprovalId,
+    decision: Decision,
+    reason: str | None = None,
+    arguments: JSONObject | None = None,
+) -> Approval:
+    """Record a person's decision on a pending tool call and re-queue its run."""
+    async with deps.uow_factory() as uow:
+        session = await uow.sessions.get_owned(session_id, owner=actor)
+        if session is None:
+            raise NotFound(SESSION_NOT_FOUND)
+        pending = await uow.approvals.get(approval_id, session_id=session.id)
+        if pending is None:
+            raise NotFound(APPROVAL_NOT_FOUND)
+        if arguments is not None:
+            arguments = validate_tool_arguments(pending.tool, arguments)
+        decided = pending.decide(
+            decision, by=actor, at=deps.clock.now(), reason=reason, arguments=arguments
+        )
+        await uow.approvals.save_decision(decided)
+        await _resolve(uow, deps, decided)
+        await uow.commit()
+    deps.broker.run_changed(decided.run_id)
+    deps.broker.work_available()
+    return decided
+
+
+async def expire_approvals(deps: ServiceDeps, *, limit: int = 100) -> int:
+    """Expire pending approvals whose time ran out; their runs go on as if rejected."""
+    now = deps.clock.now()
+    async with deps.uow_factory(write=False) as uow:
+        due = await uow.approvals.expired(now=now, limit=limit)
+    expired = 0
+    for approval in due:
+        async with deps.uow_factory() as uow:
+            if not await uow.approvals.expire(approval.id, reason=EXPIRED_REASON, at=now):
+                continue  # decided in the meantime
+            decided = await uow.approvals.get(approval.id, session_id=approval.session_id)
+            assert decided is not None
+            await _resolve(uow, deps, decided)
+            await uow.commit()
+        expired += 1
+        deps.broker.run_changed(approval.run_id)
+    if expired:
+        deps.broker.work_available()
+    return expired
+
+
+async def _resolve(uow: UnitOfWork, deps: ServiceDeps, decided: Approval) -> None:
+    """Log the decision on the run and re-queue the run once nothing else waits."""
+    waiting = await uow.approvals.count_pending(decided.run_id)
+    await uow.runs.append(
+        decided.run_id,
+        [
+            NewEvent(
+                EventType.APPROVAL_RESOLVED,
+                {
+                    "approval_id": str(decided.id),
+                    "tool": decided.tool,
+                    "status": decided.status.value,
+                    "arguments": decided.arguments,
+                    "reason": decided.reason,
+                    "decided_by": None if decided.decided_by is None else str(decided.decided_by),
+                },
+            )
+        ],
+        at=deps.clock.now(),
+        expect=(RunStatus.AWAITING_APPROVAL,),
+        values=None if waiting else {"status": RunStatus.QUEUED.value},
+    )

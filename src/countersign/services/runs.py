@@ -1,0 +1,242 @@
+"""Runs: a user message starts one; read it, read its events, cancel it.
+
+Starting a run only writes (the message and a ``queued`` run, in one unit of work) and wakes
+the executor; the turn itself happens in ``services/executor.py``, never in the request.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from countersign.db.uow import UnitOfWork
+from countersign.domain.errors import Conflict, InvalidInput, NotFound, RunActive
+from countersign.domain.events import EventType, NewEvent, RunEvent
+from countersign.domain.models import (
+    JSONObject,
+    Message,
+    MessageId,
+    MessageRole,
+    Run,
+    RunId,
+    RunStatus,
+    SessionId,
+    UserId,
+)
+from countersign.services import ServiceDeps
+from countersign.services.idempotency import IdempotentRequest, remember_response, stored_response
+from countersign.services.sessions import SESSION_NOT_FOUND
+
+RUN_NOT_FOUND = "run not found"
+CONTENT_MAX_LENGTH = 100_000
+EVENTS_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class StartedRun:
+    """The stored user message and the queued run it started."""
+
+    message: Message
+    run: Run
+
+
+async def start_run(
+    deps: ServiceDeps,
+    *,
+    actor: UserId,
+    session_id: SessionId,
+    content: str,
+    idempotency: IdempotentRequest | None = None,
+) -> StartedRun:
+    """Store the user's message and a queued run; RunActive if the session has one going."""
+    if not content.strip():
+        raise InvalidInput("content must not be empty")
+    if len(content) > CONTENT_MAX_LENGTH:
+        raise InvalidInput(f"content is longer than {CONTENT_MAX_LENGTH} characters")
+    try:
+        started = await _start_run(
+            deps, actor=actor, session_id=session_id, content=content, idempotency=idempotency
+        )
+    except RunActive:
+        raise
+    except Conflict:
+        # A concurrent message won the race for the session's one active run (or for the
+        # Idempotency-Key): answer as if this request had come second, which it did.
+        async with deps.uow_factory(write=False) as uow:
+            if idempotency is not None:
+                response = await stored_response(uow, user_id=actor, request=idempotency)
+                if response is not None:
+                    return started_from_json(response)
+            await _refuse_if_active(uow, session_id)
+        raise
+    deps.broker.work_available()
+    return started
+
+
+async def _start_run(
+    deps: ServiceDeps,
+    *,
+    actor: UserId,
+    session_id: SessionId,
+    content: str,
+    idempotency: IdempotentRequest | None,
+) -> StartedRun:
+    async with deps.uow_factory() as uow:
+        if idempotency is not None:
+            response = await stored_response(uow, user_id=actor, request=idempotency)
+            if response is not None:
+                return started_from_json(response)
+        session = await uow.sessions.get_owned(session_id, owner=actor)
+        if session is None:
+            raise NotFound(SESSION_NOT_FOUND)
+        await _refuse_if_active(uow, session.id)
+        now = deps.clock.now()
+        run = Run(
+            id=RunId(deps.new_id()),
+            session_id=session.id,
+            status=RunStatus.QUEUED,
+            attempt=0,
+            error=None,
+            created_at=now,
+            finished_at=None,
+        )
+        await uow.runs.add(run, at=now)
+        message = Message(
+            id=MessageId(deps.new_id()),
+            session_id=session.id,
+            seq=await uow.messages.next_seq(session.id),
+            role=MessageRole.USER,
+            content=content,
+            run_id=run.id,
+            created_at=now,
+        )
+        await uow.messages.add(message)
+        started = StartedRun(message=message, run=run)
+        if idempotency is not None:
+            await remember_response(
+                uow, deps, user_id=actor, request=idempotency, response=started_to_json(started)
+            )
+        await uow.commit()
+    return started
+
+
+async def _refuse_if_active(uow: UnitOfWork, session_id: SessionId) -> None:
+    active = await uow.runs.get_active(session_id)
+    if active is None:
+        return
+    pending = await uow.approvals.pending_of_run(active.id)
+    detail: JSONObject = {
+        "run_id": str(active.id),
+        "status": active.status.value,
+        "approval_id": None if pending is None else str(pending.id),
+    }
+    message = f"the session already has an active run ({active.id}, {active.status.value})"
+    if pending is not None:
+        message += f" waiting for approval {pending.id}"
+    raise RunActive(message, detail=detail)
+
+
+async def get_run(deps: ServiceDeps, *, actor: UserId, session_id: SessionId, run_id: RunId) -> Run:
+    """One run of the actor's session."""
+    async with deps.uow_factory(write=False) as uow:
+        return await _owned_run(uow, actor=actor, session_id=session_id, run_id=run_id)
+
+
+async def _owned_run(
+    uow: UnitOfWork, *, actor: UserId, session_id: SessionId, run_id: RunId
+) -> Run:
+    session = await uow.sessions.get_owned(session_id, owner=actor)
+    if session is None:
+        raise NotFound(SESSION_NOT_FOUND)
+    run = await uow.runs.get(run_id, session_id=session.id)
+    if run is None:
+        raise NotFound(RUN_NOT_FOUND)
+    return run
+
+
+async def read_events(
+    deps: ServiceDeps, *, run_id: RunId, after_seq: int, limit: int = EVENTS_PAGE
+) -> tuple[list[RunEvent], RunStatus]:
+    """Events of a run after ``after_seq`` (already access-checked) and the run's status."""
+    async with deps.uow_factory(write=False) as uow:
+        found = await uow.runs.status_and_seq(run_id)
+        if found is None:
+            raise NotFound(RUN_NOT_FOUND)
+        status, last_seq = found
+        if last_seq <= after_seq:
+            return [], status
+        return await uow.runs.events(run_id, after_seq=after_seq, limit=limit), status
+
+
+async def cancel_run(
+    deps: ServiceDeps, *, actor: UserId, session_id: SessionId, run_id: RunId
+) -> Run:
+    """Cancel a run that has not ended; Conflict if it has."""
+    async with deps.uow_factory() as uow:
+        run = await _owned_run(uow, actor=actor, session_id=session_id, run_id=run_id)
+        if not run.status.is_active:
+            raise Conflict(f"run {run.id} has already ended ({run.status.value})")
+        now = deps.clock.now()
+        reason = "cancelled by the user"
+        await uow.runs.append(
+            run.id,
+            [NewEvent(EventType.RUN_FAILED, {"reason": reason, "status": "cancelled"})],
+            at=now,
+            expect=(RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.AWAITING_APPROVAL),
+            values={
+                "status": RunStatus.CANCELLED.value,
+                "error": reason,
+                "finished_at": now,
+                "owner": None,
+                "lease_expires_at": None,
+            },
+        )
+        await uow.approvals.expire_pending_of_run(run.id, reason="the run was cancelled", at=now)
+        cancelled = await uow.runs.get(run.id, session_id=session_id)
+        await uow.commit()
+    deps.broker.run_changed(run.id)
+    assert cancelled is not None
+    return cancelled
+
+
+def started_to_json(started: StartedRun) -> JSONObject:
+    """The stored form of a start, for Idempotency-Key replays."""
+    message, run = started.message, started.run
+    return {
+        "message": {
+            "id": str(message.id),
+            "session_id": str(message.session_id),
+            "seq": message.seq,
+            "content": message.content,
+            "created_at": message.created_at.isoformat(),
+        },
+        "run": {"id": str(run.id), "created_at": run.created_at.isoformat()},
+    }
+
+
+def started_from_json(data: JSONObject) -> StartedRun:
+    """A start back from its stored form (the run as it was then: queued)."""
+    message, run = data["message"], data["run"]
+    run_id = RunId(uuid.UUID(run["id"]))
+    session_id = SessionId(uuid.UUID(message["session_id"]))
+    return StartedRun(
+        message=Message(
+            id=MessageId(uuid.UUID(message["id"])),
+            session_id=session_id,
+            seq=message["seq"],
+            role=MessageRole.USER,
+            content=message["content"],
+            run_id=run_id,
+            created_at=datetime.fromisoformat(message["created_at"]),
+        ),
+        run=Run(
+            id=run_id,
+            session_id=session_id,
+            status=RunStatus.QUEUED,
+            attempt=0,
+            error=None,
+            created_at=datetime.fromisoformat(run["created_at"]),
+            finished_at=None,
+        ),
+    )
