@@ -2,17 +2,26 @@
 
 A wake-up carries no payload: whoever wakes reads the database, which is the only source of
 truth. So a lost wake-up costs latency, never correctness, and every waiter also polls on a
-timeout (a crashed process sends nothing). ``LocalBroker`` fans out inside one process.
+timeout (a crashed process sends nothing). ``LocalBroker`` fans out inside one process;
+``PostgresBroker`` adds LISTEN/NOTIFY so that several server processes on one PostgreSQL
+database wake each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg  # type: ignore[import-untyped]
+
 from countersign.domain.models import RunId
+
+logger = logging.getLogger(__name__)
 
 
 class Subscription:
@@ -73,3 +82,87 @@ class LocalBroker:
             followers.discard(subscription)
             if not followers:
                 del self._followers[run_id]
+
+
+RUNS_CHANNEL = "countersign_runs"
+WORK_CHANNEL = "countersign_work"
+
+
+class PostgresBroker(LocalBroker):
+    """LocalBroker plus LISTEN/NOTIFY, so that wake-ups reach every process on the database.
+
+    Notifications carry a run id or nothing, never event payloads. If the connection is lost
+    the broker reconnects in the background; meanwhile waiters fall back to polling.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__()
+        self._dsn = dsn
+        self._outbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._own_pids: set[int] = set()
+        self.connected = asyncio.Event()
+
+    async def start(self) -> None:
+        """Begin listening and sending (in a background task)."""
+        self._task = asyncio.create_task(self._keep_connected(), name="postgres broker")
+
+    async def stop(self) -> None:
+        """Stop listening and close the connections."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def run_changed(self, run_id: RunId) -> None:
+        """Wake the run's followers here and in every other process."""
+        super().run_changed(run_id)
+        self._outbox.put_nowait((RUNS_CHANNEL, str(run_id)))
+
+    def work_available(self) -> None:
+        """Wake the executors here and in every other process."""
+        super().work_available()
+        self._outbox.put_nowait((WORK_CHANNEL, ""))
+
+    async def _keep_connected(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._serve()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                self.connected.clear()
+                logger.warning("LISTEN/NOTIFY connection lost (%s); polling meanwhile", error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _serve(self) -> None:
+        listener = await asyncpg.connect(self._dsn)
+        sender = await asyncpg.connect(self._dsn)
+        try:
+            self._own_pids = {listener.get_server_pid(), sender.get_server_pid()}
+            await listener.add_listener(RUNS_CHANNEL, self._received)
+            await listener.add_listener(WORK_CHANNEL, self._received)
+            self.connected.set()
+            while True:
+                channel, payload = await self._outbox.get()
+                batch = {(channel, payload)}
+                while not self._outbox.empty():
+                    batch.add(self._outbox.get_nowait())
+                await sender.executemany("SELECT pg_notify($1, $2)", sorted(batch))
+        finally:
+            self.connected.clear()
+            await asyncio.gather(
+                listener.close(timeout=2), sender.close(timeout=2), return_exceptions=True
+            )
+
+    def _received(self, _connection: object, pid: int, channel: str, payload: str) -> None:
+        if pid in self._own_pids:
+            return  # our own notification: the local wake-up already happened
+        if channel == WORK_CHANNEL:
+            super().work_available()
+            return
+        try:
+            run_id = RunId(uuid.UUID(payload))
+        except ValueError:
+            return
+        super().run_changed(run_id)
