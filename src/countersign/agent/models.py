@@ -19,7 +19,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
@@ -134,6 +134,22 @@ def resolve_model(name: str, options: ModelOptions) -> Model:
     return OpenAIChatModel(
         normalised.removeprefix(OPENAI_PREFIX), provider=provider, settings=settings
     )
+
+
+AgentModel: TypeAlias = Model
+"""A model the runner can use, as the rest of the code names it."""
+
+
+async def open_model(name: str, options: ModelOptions) -> Model:
+    """``resolve_model``, entered: the model keeps its HTTP client until ``close_model``."""
+    model = resolve_model(name, options)
+    await model.__aenter__()
+    return model
+
+
+async def close_model(model: Model) -> None:
+    """Close the HTTP client an opened model holds."""
+    await model.__aexit__(None, None, None)
 
 
 def demo_model() -> FunctionModel:

@@ -33,6 +33,9 @@ from pydantic_ai.models import Model
 from countersign.agent.tools import ToolJournal, ToolLimits, TurnDeps, build_toolset
 from countersign.domain.models import JSONObject, ToolSetting
 
+TurnAgent = Agent[TurnDeps, str | DeferredToolRequests]
+"""A profile made ready to run turns; build it once and reuse it (it costs more than a turn)."""
+
 
 class TurnSink(ToolJournal, Protocol):
     """Where a turn reports: text as it streams, tool records, and history checkpoints."""
@@ -66,9 +69,8 @@ class ToolRequest:
 class TurnRequest:
     """Everything one turn needs."""
 
-    model: Model
-    instructions: str
-    tools: tuple[ToolSetting, ...]
+    agent: TurnAgent
+    """From ``build_agent``."""
     workspace: Path
     limits: ToolLimits
     history: list[Any] | None
@@ -112,13 +114,7 @@ def open_tool_calls(history: list[Any] | None) -> list[str]:
 
 async def run_turn(request: TurnRequest, sink: TurnSink) -> TurnOutcome:
     """Run the agent until it answers or needs a person; report everything to ``sink``."""
-    agent: Agent[TurnDeps, str | DeferredToolRequests] = Agent(
-        request.model,
-        instructions=request.instructions or None,
-        deps_type=TurnDeps,
-        output_type=[str, DeferredToolRequests],
-        toolsets=[build_toolset(request.tools)],
-    )
+    agent = request.agent
     history = _messages(request.history)
     results = _deferred_results(request.answers) if request.answers else None
     deps = TurnDeps(workspace=request.workspace, journal=sink, limits=request.limits)
@@ -155,6 +151,17 @@ async def run_turn(request: TurnRequest, sink: TurnSink) -> TurnOutcome:
             ),
         )
     return TurnOutcome(history=final, reply="".join(reply))
+
+
+def build_agent(model: Model, *, instructions: str, tools: tuple[ToolSetting, ...]) -> TurnAgent:
+    """The pydantic-ai agent for a profile: its model, instructions and tools with policies."""
+    return Agent(
+        model,
+        instructions=instructions or None,
+        deps_type=TurnDeps,
+        output_type=[str, DeferredToolRequests],
+        toolsets=[build_toolset(tools)],
+    )
 
 
 def _text_of(event: object) -> str:

@@ -28,13 +28,28 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from countersign.agent.models import ModelOptions, describe_model_error, resolve_model
-from countersign.agent.runner import Answer, TurnOutcome, TurnRequest, open_tool_calls, run_turn
+from countersign.agent.models import (
+    AgentModel,
+    ModelOptions,
+    close_model,
+    describe_model_error,
+    open_model,
+)
+from countersign.agent.runner import (
+    Answer,
+    TurnAgent,
+    TurnOutcome,
+    TurnRequest,
+    build_agent,
+    open_tool_calls,
+    run_turn,
+)
 from countersign.agent.tools import ToolLimits
 from countersign.db.uow import UnitOfWork
 from countersign.domain.errors import CountersignError, LeaseLost
 from countersign.domain.events import EventType, NewEvent, assistant_text, text_delta
 from countersign.domain.models import (
+    Agent,
     Approval,
     ApprovalId,
     ApprovalStatus,
@@ -46,6 +61,7 @@ from countersign.domain.models import (
     MessageRole,
     RunId,
     RunStatus,
+    ToolSetting,
     TurnContext,
 )
 from countersign.services import ServiceDeps
@@ -54,6 +70,7 @@ from countersign.services.approvals import expire_approvals
 logger = logging.getLogger(__name__)
 
 DELTAS_PER_BATCH = 32
+MAX_CACHED_AGENTS = 1_000
 
 
 def executor_name() -> str:
@@ -83,6 +100,8 @@ class Executor:
         self.name = name
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._models: dict[str, AgentModel] = {}
+        self._agents: dict[tuple[str, str, tuple[ToolSetting, ...]], TurnAgent] = {}
 
     async def start(self, *, single_process: bool) -> None:
         """Recover what a previous process left and begin claiming runs."""
@@ -102,6 +121,26 @@ class Executor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        models, self._models = list(self._models.values()), {}
+        await asyncio.gather(*(close_model(model) for model in models), return_exceptions=True)
+
+    async def turn_agent(self, profile: Agent) -> TurnAgent:
+        """The runnable agent for a profile, built once per process and profile version."""
+        key = (profile.model, profile.instructions, profile.tools)
+        if key not in self._agents:
+            if profile.model not in self._models:
+                # Opened once per process: an opened model keeps its HTTP connection pool.
+                model = await open_model(profile.model, self.options.model_options)
+                if profile.model in self._models:  # another turn opened it meanwhile
+                    await close_model(model)
+                else:
+                    self._models[profile.model] = model
+            if len(self._agents) >= MAX_CACHED_AGENTS:
+                self._agents.clear()
+            self._agents[key] = build_agent(
+                self._models[profile.model], instructions=profile.instructions, tools=profile.tools
+            )
+        return self._agents[key]
 
     async def _claim_loop(self) -> None:
         while True:
@@ -179,7 +218,7 @@ class _Turn:
         since = time.monotonic() - self.last_flush
         if self.pending_deltas >= DELTAS_PER_BATCH or since >= self.executor.options.flush_seconds:
             await self.flush()
-        elif self.flush_task is None:
+        elif self.flush_task is None or self.flush_task.done():
             self.flush_task = asyncio.create_task(self._flush_later())
 
     async def tool_started(self, *, call_id: str, tool: str, arguments: dict[str, Any]) -> None:
@@ -252,7 +291,7 @@ class _Turn:
             await self._fail(interrupted)
             return
         try:
-            request = self._request(context, approvals)
+            request = await self._request(context, approvals)
             outcome = await run_turn(request, self)
         except LeaseLost:
             raise
@@ -270,7 +309,7 @@ class _Turn:
         else:
             await self._finish(outcome)
 
-    def _request(self, context: TurnContext, approvals: list[Approval]) -> TurnRequest:
+    async def _request(self, context: TurnContext, approvals: list[Approval]) -> TurnRequest:
         options = self.executor.options
         history = self.claimed.history
         answers: dict[str, Answer] = {}
@@ -284,9 +323,7 @@ class _Turn:
                     answers[approval.tool_call_id] = _answer(approval)
         workspace = options.workspace_root / str(self.claimed.run.session_id)
         return TurnRequest(
-            model=resolve_model(context.agent.model, options.model_options),
-            instructions=context.agent.instructions,
-            tools=context.agent.tools,
+            agent=await self.executor.turn_agent(context.agent),
             workspace=workspace,
             limits=options.tool_limits,
             history=history,
@@ -423,13 +460,15 @@ class _Turn:
         await self._write(list(extra))
 
     async def _flush_later(self) -> None:
+        # Loops, because deltas may arrive while a batch commits; each gets committed soon.
         try:
-            await asyncio.sleep(self.executor.options.flush_seconds)
-            await self._write([])
+            while self.pending:
+                await asyncio.sleep(self.executor.options.flush_seconds)
+                await self._write([])
         except LeaseLost:
             self.lease_lost = True
-        finally:
-            self.flush_task = None
+        except CountersignError as error:
+            logger.warning("could not write events of run %s: %s", self.run_id, error.message)
 
     async def _write(
         self, extra: list[NewEvent], *, values: JSONObject | None = None, checkpoint: bool = False
