@@ -16,6 +16,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
@@ -136,9 +137,12 @@ class PostgresBroker(LocalBroker):
                 delay = min(delay * 2, 10.0)
 
     async def _serve(self) -> None:
-        listener = await asyncpg.connect(self._dsn)
-        sender = await asyncpg.connect(self._dsn)
+        connections: list[Any] = []
         try:
+            # Appended one by one, so that a cancel between the two still closes the first.
+            connections.append(await asyncpg.connect(self._dsn))
+            connections.append(await asyncpg.connect(self._dsn))
+            listener, sender = connections
             self._own_pids = {listener.get_server_pid(), sender.get_server_pid()}
             await listener.add_listener(RUNS_CHANNEL, self._received)
             await listener.add_listener(WORK_CHANNEL, self._received)
@@ -151,9 +155,9 @@ class PostgresBroker(LocalBroker):
                 await sender.executemany("SELECT pg_notify($1, $2)", sorted(batch))
         finally:
             self.connected.clear()
-            await asyncio.gather(
-                listener.close(timeout=2), sender.close(timeout=2), return_exceptions=True
-            )
+            for connection in connections:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(connection.close(timeout=2))
 
     def _received(self, _connection: object, pid: int, channel: str, payload: str) -> None:
         if pid in self._own_pids:

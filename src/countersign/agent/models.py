@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
@@ -65,6 +65,8 @@ _TOOL_COMMAND = re.compile(r"/tool(?:\s+(?P<name>[^\s{]+)(?P<arguments>.*))?", r
 _WORD = re.compile(r"\s*\S+")
 _SECRET_LOOKING = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_\-*.]{4,}")
 _MAX_DETAIL_LENGTH = 200
+_MIN_CREDENTIAL_LENGTH = 4
+"""Shorter "keys" are not secrets worth hiding, and would blank out ordinary words."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +164,7 @@ def describe_model_error(error: BaseException) -> str | None:
     for candidate in _error_chain(error):
         sentence = _describe_one(candidate)
         if sentence is not None:
-            return _redact(sentence)
+            return _redact(sentence, credentials=_credentials_in(error))
     return None
 
 
@@ -341,9 +343,28 @@ def _shorten(text: str) -> str:
     return flat if len(flat) <= _MAX_DETAIL_LENGTH else flat[: _MAX_DETAIL_LENGTH - 3] + "..."
 
 
-def _redact(sentence: str) -> str:
-    """Hide anything that looks like an API key that a provider echoed back."""
+def _redact(sentence: str, *, credentials: Iterable[str] = ()) -> str:
+    """Hide the request's own credentials and anything else that looks like an API key, should
+    a provider echo them back (a local server's key need not look like ``sk-...``)."""
+    for credential in sorted(credentials, key=len, reverse=True):
+        sentence = re.sub(rf"(?<![\w-]){re.escape(credential)}(?![\w-])", "[redacted]", sentence)
     return _SECRET_LOOKING.sub("[redacted]", sentence)
+
+
+def _credentials_in(error: BaseException) -> set[str]:
+    """The API keys the failed requests carried (Authorization or api-key headers)."""
+    found: set[str] = set()
+    for request in _requests_in(error):
+        headers = getattr(request, "headers", None)
+        if headers is None:
+            continue
+        for name in ("authorization", "api-key", "x-api-key"):
+            value = str(headers.get(name) or "").strip()
+            scheme, _, token = value.partition(" ")
+            credential = token.strip() if scheme.lower() == "bearer" else value
+            if len(credential) >= _MIN_CREDENTIAL_LENGTH:
+                found.add(credential)
+    return found
 
 
 def _requests_in(error: BaseException) -> Iterator[Any]:
