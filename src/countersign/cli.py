@@ -121,12 +121,17 @@ def serve(
     ] = None,
 ) -> None:
     """Start the server (dev: migrates first; prod: refuses an unmigrated database)."""
+    settings = _settings(host=host, port=port)  # before the web stack's slow imports
+
     import uvicorn
 
     from countersign.app import configure_logging, create_app
 
-    settings = _settings(host=host, port=port)
     configure_logging(settings)
+    try:
+        application = create_app(settings)
+    except ConfigError as exc:
+        raise _fail(exc.message, hint=exc.hint, code=2) from None
     # Pass the gate here, before uvicorn, so a refusal is one sentence and exit code 1.
     _run(startup_gate(settings))
     typer.echo(
@@ -135,7 +140,7 @@ def serve(
         err=True,
     )
     uvicorn.run(
-        create_app(settings),
+        application,
         host=settings.host,
         port=settings.port,
         log_config=None,

@@ -23,11 +23,11 @@ def cli_env(url: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def countersign(
+def run_cli(
     *args: str, env: dict[str, str], cwd: Path, stdin: str = "", timeout: float = CLI_TIMEOUT
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a subprocess; it never prints a traceback, whatever happens."""
-    finished = subprocess.run(
+    """Run the real CLI in a subprocess, bounded by ``timeout``; no checks."""
+    return subprocess.run(
         [sys.executable, "-m", "countersign", *args],
         env=env,
         cwd=cwd,
@@ -37,6 +37,13 @@ def countersign(
         timeout=timeout,
         check=False,
     )
+
+
+def countersign(
+    *args: str, env: dict[str, str], cwd: Path, stdin: str = "", timeout: float = CLI_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess; it never prints a traceback, whatever happens."""
+    finished = run_cli(*args, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
     assert "Traceback" not in finished.stdout + finished.stderr, finished.stderr
     return finished
 
@@ -52,12 +59,19 @@ class Call:
     timeout: float = CLI_TIMEOUT
 
 
-def countersign_all(calls: Sequence[Call]) -> list[subprocess.CompletedProcess[str]]:
-    """Run independent CLI invocations side by side; the results in the order of ``calls``."""
+def countersign_all(
+    calls: Sequence[Call], *, check: bool = True
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run independent CLI invocations side by side; the results in the order of ``calls``.
+
+    With ``check`` (the default) each is checked like :func:`countersign`; without, the
+    caller checks each result itself (so that one bad result does not hide the others).
+    """
+    runner = countersign if check else run_cli
     with ThreadPoolExecutor(max_workers=max(1, min(len(calls), os.cpu_count() or 2))) as pool:
         futures = [
             pool.submit(
-                countersign,
+                runner,
                 *call.args,
                 env=call.env,
                 cwd=call.cwd,

@@ -143,9 +143,12 @@ class Executor:
         return self._agents[key]
 
     async def _claim_loop(self) -> None:
+        next_expiry = 0.0
         while True:
             try:
-                await expire_approvals(self.deps)
+                if time.monotonic() >= next_expiry:
+                    next_expiry = time.monotonic() + self.options.poll_seconds
+                    await expire_approvals(self.deps)
                 while len(self._tasks) < self.options.concurrency:
                     claimed = await self._claim()
                     if claimed is None:
@@ -184,11 +187,15 @@ class Executor:
         except asyncio.CancelledError:
             if not turn.lease_lost:
                 raise
+            # The heartbeat found the lease gone and stopped the turn: say so, as above.
+            logger.info("run %s was taken over or ended elsewhere; letting go", claimed.run.id)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-        self.deps.broker.work_available()
+        if len(self._tasks) >= self.options.concurrency:
+            # The claim loop stopped at capacity; this slot is free now.
+            self.deps.broker.work_available()
 
 
 class _Turn:
@@ -206,6 +213,8 @@ class _Turn:
         self.flush_task: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
         self.lease_lost = False
+        self.streamed = False
+        """Whether this attempt has streamed any text yet."""
         self.earlier_text = ""
         """The reply text earlier attempts streamed before this attempt's starting point."""
 
@@ -215,8 +224,11 @@ class _Turn:
         """Queue a text delta; commit a batch when it is full or the interval has passed."""
         self.pending.append(text_delta(delta))
         self.pending_deltas += 1
-        since = time.monotonic() - self.last_flush
-        if self.pending_deltas >= DELTAS_PER_BATCH or since >= self.executor.options.flush_seconds:
+        first = not self.streamed
+        self.streamed = True
+        # The first delta goes out at once (time to first token); later ones in batches,
+        # by count here or by time in the background, never one transaction per delta.
+        if first or self.pending_deltas >= DELTAS_PER_BATCH:
             await self.flush()
         elif self.flush_task is None or self.flush_task.done():
             self.flush_task = asyncio.create_task(self._flush_later())
@@ -276,16 +288,12 @@ class _Turn:
                     await uow.runs.text_events(self.run_id),
                     resumed_from=self.claimed.checkpoint_seq,
                 )
-        await self._write(
-            [
-                NewEvent(
-                    EventType.RUN_STARTED,
-                    {
-                        "attempt": self.lease.attempt,
-                        "resumed_from_seq": self.claimed.checkpoint_seq,
-                    },
-                )
-            ]
+        # Written with the first checkpoint or batch, one transaction fewer per turn.
+        self.pending.append(
+            NewEvent(
+                EventType.RUN_STARTED,
+                {"attempt": self.lease.attempt, "resumed_from_seq": self.claimed.checkpoint_seq},
+            )
         )
         if interrupted:
             await self._fail(interrupted)
