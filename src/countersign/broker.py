@@ -103,6 +103,7 @@ class PostgresBroker(LocalBroker):
         self._task: asyncio.Task[None] | None = None
         self._own_pids: set[int] = set()
         self.connected = asyncio.Event()
+        self._stopping = False
 
     async def start(self) -> None:
         """Begin listening and sending (in a background task)."""
@@ -110,10 +111,15 @@ class PostgresBroker(LocalBroker):
 
     async def stop(self) -> None:
         """Stop listening and close the connections."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        # Waited for, never awaited: a dying connection may end the task with its own error.
+        done, _pending = await asyncio.wait({task}, timeout=5)
+        if task in done and not task.cancelled() and task.exception() is not None:
+            logger.debug("LISTEN/NOTIFY connection ended with: %s", task.exception())
 
     def run_changed(self, run_id: RunId) -> None:
         """Wake the run's followers here and in every other process."""
@@ -132,6 +138,8 @@ class PostgresBroker(LocalBroker):
                 await self._serve()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
                 self.connected.clear()
+                if self._stopping:
+                    return
                 logger.warning("LISTEN/NOTIFY connection lost (%s); polling meanwhile", error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

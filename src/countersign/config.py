@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import limits
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -61,6 +62,14 @@ class Settings(BaseSettings):
     default_model: str = "demo"
     open_registration: bool | None = None
     """Whether ``POST /auth/register`` is open; defaults to open in ``dev``, closed in ``prod``."""
+    access_token_ttl_seconds: int = Field(default=604_800, ge=1, le=31_536_000)
+    """How long a login's access token (and its cookie) stays valid; 7 days by default."""
+    login_rate_limit: str = "10/minute"
+    """Login attempts per client IP address (a rate such as ``10/minute``; ``;`` joins several)."""
+    login_failure_rate_limit: str = "5/minute"
+    """Failed logins per account email; further attempts for that email wait (429)."""
+    register_rate_limit: str = "20/hour"
+    """Registration attempts per client IP address, and per email."""
 
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -106,6 +115,19 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_database_url(cls, value: str) -> str:
         return normalise_database_url(value)
+
+    @field_validator("login_rate_limit", "login_failure_rate_limit", "register_rate_limit")
+    @classmethod
+    def _parse_rate_limit(cls, value: str) -> str:
+        try:
+            rates = limits.parse_many(value)
+        except ValueError:
+            rates = []
+        if not rates or any(rate.amount < 1 for rate in rates):
+            raise ValueError(
+                "is not a rate limit; use e.g. 10/minute, 5 per second or 10/minute;100/hour"
+            )
+        return value
 
     @model_validator(mode="after")
     def _prod_needs_secret(self) -> Settings:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, inspect
+from alembic.util import CommandError
+from sqlalchemy import Connection, delete, func, insert, inspect, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from countersign.config import normalise_database_url
@@ -21,6 +25,7 @@ TABLES = {
     "users",
     "identities",
     "api_keys",
+    "access_tokens",
     "agents",
     "sessions",
     "messages",
@@ -120,3 +125,65 @@ async def test_migrations_need_no_extension(backend: str, postgres_server: Postg
     finally:
         await postgres_server.drop_database(database)
         await postgres_server.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+async def test_0003_keeps_every_row_and_guards_its_downgrade(empty_database: TestDatabase) -> None:
+    """Making users.email nullable rebuilds ``users`` on SQLite: the rows that point at users
+    (which cascade on delete) all survive, the email stays unique, several users may have no
+    email, and the downgrade refuses while such users exist instead of deleting them."""
+    users, api_keys, identities = (
+        Base.metadata.tables[name] for name in ("users", "api_keys", "identities")
+    )
+    now = datetime.now(UTC)
+    user_id = uuid.uuid4()
+    engine = create_async_engine(normalise_database_url(empty_database.url))
+    try:
+        await migrations.upgrade(engine, "0002")
+        async with engine.begin() as connection:
+            await connection.execute(
+                insert(users).values(
+                    id=user_id, email="kept@example.test", password_hash="h", created_at=now
+                )
+            )
+            await connection.execute(
+                insert(api_keys).values(
+                    id=uuid.uuid4(),
+                    user_id=user_id,
+                    name="k",
+                    prefix="0123456789ab",
+                    key_hash="x",
+                    created_at=now,
+                )
+            )
+            await connection.execute(
+                insert(identities).values(
+                    id=uuid.uuid4(), user_id=user_id, provider="p", subject="s", created_at=now
+                )
+            )
+        await migrations.upgrade(engine)
+
+        async with engine.begin() as connection:
+            for table in (users, api_keys, identities):
+                assert await connection.scalar(select(func.count()).select_from(table)) == 1
+            for _ in range(2):
+                await connection.execute(
+                    insert(users).values(id=uuid.uuid4(), email=None, created_at=now)
+                )
+        with pytest.raises(IntegrityError):
+            async with engine.begin() as connection:
+                await connection.execute(
+                    insert(users).values(id=uuid.uuid4(), email="kept@example.test", created_at=now)
+                )
+
+        with pytest.raises(CommandError, match="2 user"):
+            await migrations.downgrade(engine, "0002")
+        assert await migrations.current_revision(engine) == migrations.head_revision()
+        async with engine.begin() as connection:
+            await connection.execute(delete(users).where(users.c.email.is_(None)))
+        await migrations.downgrade(engine, "0002")
+        assert await migrations.current_revision(engine) == "0002"
+        async with engine.begin() as connection:
+            for table in (users, api_keys, identities):
+                assert await connection.scalar(select(func.count()).select_from(table)) == 1
+    finally:
+        await engine.dispose()

@@ -43,7 +43,16 @@ async def base_url(live_app: FastAPI) -> AsyncIterator[str]:
     """A real uvicorn server for the app on 127.0.0.1, stopped by this fixture."""
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(live_app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            live_app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            # Longer than any wait in the test, so the server never closes a kept-alive
+            # connection just as the client reuses it (a ReadError that is no one's bug).
+            timeout_keep_alive=120,
+        )
     )
     serving = asyncio.create_task(server.serve())
     async with asyncio.timeout(30):

@@ -1,8 +1,13 @@
-"""Annotated dependencies for routes: the services bundle and the authenticated user.
+"""Annotated dependencies for routes: the services bundle and the authenticated caller.
 
 No dependency here opens a transaction: commits happen inside services, before the response.
 Routes that need a user use ``AuthenticatedRoute``, so that the caller is known before the
 body is read: bad credentials answer 401 even when the body is broken too.
+
+A caller authenticates with ``Authorization: Bearer <access token or API key>`` or, from the
+web page, with the session cookie. An ``Authorization`` header, when sent, is the only
+credential looked at. Credentials are checked first (401), then, for a cookie on an unsafe
+method, the CSRF token (403 ``csrf_failed``); see ``api/cookies.py``.
 """
 
 from __future__ import annotations
@@ -12,15 +17,28 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request, Response
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
+from countersign.api.cookies import SAFE_METHODS, SESSION_COOKIE, check_csrf
+from countersign.api.ratelimit import RateLimits, get_rate_limits
 from countersign.domain.errors import InvalidInput, Unauthenticated
 from countersign.domain.models import User
 from countersign.services import ServiceDeps
-from countersign.services.accounts import authenticate
+from countersign.services.accounts import Caller, authenticate
 from countersign.services.idempotency import KEY_MAX_LENGTH
 
-_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer cs_…`")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An access token from `POST /auth/login`, or an API key (`cs_…`).",
+)
+_session_cookie = APIKeyCookie(
+    name=SESSION_COOKIE,
+    auto_error=False,
+    description="The web page's login cookie; unsafe methods also need `X-CSRF-Token`.",
+)
+AUTHENTICATION_REQUIRED = (
+    "authentication required: send Authorization: Bearer <access token or API key>"
+)
 
 
 def get_services(request: Request) -> ServiceDeps:
@@ -30,31 +48,54 @@ def get_services(request: Request) -> ServiceDeps:
 
 
 Services = Annotated[ServiceDeps, Depends(get_services)]
+RateLimiting = Annotated[RateLimits, Depends(get_rate_limits)]
 
 
-async def authenticate_request(request: Request) -> User:
-    """The caller, from ``Authorization: Bearer``; Unauthenticated when missing or unknown.
+async def authenticate_request(request: Request) -> Caller:
+    """The caller, from the bearer credential or the session cookie (CSRF-checked).
 
-    The user is kept on the request, so that the route and its dependency look it up once.
+    Unauthenticated when the credential is missing or not valid; CsrfFailed when a cookie
+    comes on an unsafe method without its CSRF token. The caller is kept on the request, so
+    that the route and its dependencies look it up once.
     """
-    known: User | None = getattr(request.state, "user", None)
+    known: Caller | None = getattr(request.state, "caller", None)
     if known is not None:
         return known
-    credentials = await _bearer(request)
-    if credentials is None:
-        raise Unauthenticated("authentication required: send Authorization: Bearer <API key>")
-    user = await authenticate(get_services(request), credential=credentials.credentials)
-    request.state.user = user
-    return user
+    services = get_services(request)
+    authorization = request.headers.get("Authorization")
+    if authorization is not None:
+        scheme, _, credential = authorization.strip().partition(" ")
+        credential = credential.strip()
+        if scheme.lower() != "bearer" or not credential:
+            raise Unauthenticated(AUTHENTICATION_REQUIRED)
+        caller = await authenticate(services, credential=credential)
+    else:
+        token = request.cookies.get(SESSION_COOKIE)
+        if not token:
+            raise Unauthenticated(AUTHENTICATION_REQUIRED)
+        caller = await authenticate(services, credential=token)
+        if request.method not in SAFE_METHODS:
+            check_csrf(request, access_token=token)
+    request.state.caller = caller
+    return caller
 
 
-async def get_current_user(
+async def get_current_caller(
     request: Request,
-    # Declared for the OpenAPI security scheme; authenticate_request reads the header itself.
+    # Declared for the OpenAPI security schemes; authenticate_request reads the request itself.
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> User:
-    """The caller, from ``Authorization: Bearer``; 401 when missing or unknown."""
+    _cookie: Annotated[str | None, Depends(_session_cookie)],
+) -> Caller:
+    """The caller and the credential they used; 401 when missing or not valid."""
     return await authenticate_request(request)
+
+
+CurrentCaller = Annotated[Caller, Depends(get_current_caller)]
+
+
+async def get_current_user(caller: CurrentCaller) -> User:
+    """The calling user; 401 when the credentials are missing or not valid."""
+    return caller.user
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]

@@ -15,8 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from countersign.domain.errors import (
     Conflict,
     CountersignError,
+    Forbidden,
     InvalidInput,
     NotFound,
+    RateLimited,
     Unauthenticated,
     Unavailable,
 )
@@ -28,6 +30,8 @@ _STATUS: list[tuple[type[CountersignError], int]] = [
     (Conflict, 409),
     (InvalidInput, 422),
     (Unauthenticated, 401),
+    (Forbidden, 403),
+    (RateLimited, 429),
     (Unavailable, 503),
 ]
 
@@ -82,6 +86,8 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         if status == 503:
             headers = {"Retry-After": "1"}
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(exc.retry_after)}
         return error_response(status, exc.code, exc.message, exc.detail, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Generic, Self, TypeVar
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from countersign.domain.models import (
+    EMAIL_MAX_LENGTH,
     TITLE_MAX_LENGTH,
     ApprovalStatus,
     Decision,
     MessageRole,
     RunStatus,
     SessionStatus,
+    ToolPolicy,
 )
+from countersign.services.accounts import API_KEY_NAME_MAX_LENGTH, PASSWORD_MAX_LENGTH
+from countersign.services.agents import INSTRUCTIONS_MAX_LENGTH as AGENT_INSTRUCTIONS_MAX_LENGTH
+from countersign.services.agents import NAME_MAX_LENGTH as AGENT_NAME_MAX_LENGTH
 
 T = TypeVar("T")
 
@@ -77,10 +82,59 @@ API_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class UserOut(Out):
-    """A user."""
+    """A user; ``email`` is null for an account a provider made without one."""
 
     id: uuid.UUID
-    email: str
+    email: str | None
+    created_at: datetime
+
+
+class UserCreate(Strict):
+    """A sign-up: an email and a password (10 to 1024 characters, not a common one)."""
+
+    email: Text = Field(max_length=EMAIL_MAX_LENGTH)
+    password: Text = Field(max_length=PASSWORD_MAX_LENGTH)
+
+
+class LoginCreate(Strict):
+    """A login; ``cookie: true`` also sets the web page's session and CSRF cookies."""
+
+    email: Text = Field(max_length=EMAIL_MAX_LENGTH)
+    password: Text = Field(max_length=PASSWORD_MAX_LENGTH)
+    cookie: bool = False
+
+
+class AccessTokenOut(BaseModel):
+    """An access token: send it as ``Authorization: Bearer <access_token>``."""
+
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the scheme, not a secret
+    expires_at: datetime
+
+
+class ApiKeyCreate(Strict):
+    """A new API key's name (what it is for)."""
+
+    name: Text = Field(min_length=1, max_length=API_KEY_NAME_MAX_LENGTH)
+
+
+class ApiKeyOut(Out):
+    """An API key, without its secret."""
+
+    id: uuid.UUID
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+class ApiKeyCreatedOut(Out):
+    """A new API key; ``key`` is shown in this answer only."""
+
+    id: uuid.UUID
+    name: str
+    prefix: str
+    key: str
     created_at: datetime
 
 
@@ -171,3 +225,67 @@ class ApprovalDecision(Strict):
     decision: Decision
     reason: Text | None = Field(default=None, max_length=2_000)
     arguments: dict[str, Any] | None = None
+
+
+class ToolSettingIn(Strict):
+    """One built-in tool an agent may call, and what happens when it does."""
+
+    name: Text = Field(min_length=1, max_length=100, examples=["write_file"])
+    policy: ToolPolicy = Field(
+        description="`auto` runs it, `ask` waits for a person's approval, `deny` refuses it."
+    )
+
+
+class ToolSettingOut(Out):
+    """One tool of an agent and its policy."""
+
+    name: str
+    policy: ToolPolicy
+
+
+class AgentCreate(Strict):
+    """A new agent; what is left out is taken from the server's default agent."""
+
+    name: Text = Field(min_length=1, max_length=AGENT_NAME_MAX_LENGTH)
+    model: Text | None = Field(
+        default=None,
+        description="`demo` or `openai:<model>`; the server's default model when left out.",
+    )
+    instructions: Text | None = Field(
+        default=None,
+        max_length=AGENT_INSTRUCTIONS_MAX_LENGTH,
+        description="The system prompt; the default agent's when left out.",
+    )
+    tools: list[ToolSettingIn] | None = Field(
+        default=None,
+        max_length=100,
+        description="Built-in tools, each once; the default agent's tools when left out.",
+    )
+
+
+class AgentUpdate(Strict):
+    """New values for one of your agents; at least one field. `tools` replaces the whole list."""
+
+    name: Text | None = Field(default=None, min_length=1, max_length=AGENT_NAME_MAX_LENGTH)
+    model: Text | None = None
+    instructions: Text | None = Field(default=None, max_length=AGENT_INSTRUCTIONS_MAX_LENGTH)
+    tools: list[ToolSettingIn] | None = Field(default=None, max_length=100)
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> Self:
+        if all(value is None for value in (self.name, self.model, self.instructions, self.tools)):
+            raise ValueError("give at least one of name, model, instructions or tools")
+        return self
+
+
+class AgentOut(Out):
+    """A reusable agent profile."""
+
+    id: uuid.UUID
+    name: str
+    model: str
+    instructions: str
+    tools: list[ToolSettingOut]
+    is_default: bool
+    created_at: datetime
+    updated_at: datetime

@@ -17,6 +17,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from countersign.db.tables import (
+    AccessTokenRow,
     AgentRow,
     ApiKeyRow,
     ApprovalRow,
@@ -38,6 +39,8 @@ from countersign.domain.errors import (
 )
 from countersign.domain.events import EventType, NewEvent, RunEvent
 from countersign.domain.models import (
+    AccessToken,
+    AccessTokenId,
     Agent,
     AgentId,
     ApiKey,
@@ -120,6 +123,11 @@ class UserRepository:
         row = await self._db.scalar(select(UserRow).where(UserRow.email == email))
         return None if row is None else _user(row)
 
+    async def get_with_password_hash(self, email: str) -> tuple[User, str | None] | None:
+        """The user with this (normalised) email and their password hash (None: no password)."""
+        row = await self._db.scalar(select(UserRow).where(UserRow.email == email))
+        return None if row is None else (_user(row), row.password_hash)
+
 
 class ApiKeyRepository:
     """API keys; only their hashes are stored."""
@@ -152,6 +160,76 @@ class ApiKeyRepository:
         await self._db.execute(
             update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(last_used_at=at)
         )
+
+    async def list_owned(
+        self, *, owner: UserId, before: uuid.UUID | None, limit: int
+    ) -> list[ApiKey]:
+        """Up to ``limit`` of the owner's keys, newest first, older than ``before``."""
+        query = select(ApiKeyRow).where(ApiKeyRow.user_id == owner)
+        if before is not None:
+            query = query.where(ApiKeyRow.id < before)
+        rows = await self._db.scalars(query.order_by(ApiKeyRow.id.desc()).limit(limit))
+        return [_api_key(row) for row in rows]
+
+    async def delete_owned(self, key_id: ApiKeyId, *, owner: UserId) -> None:
+        """Delete one of the owner's keys; NotFound if missing or someone else's."""
+        result = await self._db.execute(
+            delete(ApiKeyRow).where(ApiKeyRow.id == key_id, ApiKeyRow.user_id == owner)
+        )
+        _expect_one(result, "API key")
+
+
+class AccessTokenRepository:
+    """Login tokens; only their hashes are stored."""
+
+    def __init__(self, db_session: AsyncSession) -> None:
+        self._db = db_session
+
+    async def add(self, token: AccessToken, *, token_hash: str) -> None:
+        """Insert a token."""
+        self._db.add(
+            AccessTokenRow(
+                id=token.id,
+                user_id=token.user_id,
+                token_hash=token_hash,
+                created_at=token.created_at,
+                expires_at=token.expires_at,
+                revoked_at=token.revoked_at,
+                last_used_at=token.last_used_at,
+            )
+        )
+        await self._db.flush()
+
+    async def find_by_hash(self, token_hash: str) -> AccessToken | None:
+        """The token with this hash (revoked or expired ones too), or None."""
+        row = await self._db.scalar(
+            select(AccessTokenRow).where(AccessTokenRow.token_hash == token_hash)
+        )
+        return None if row is None else _access_token(row)
+
+    async def revoke(self, token_id: AccessTokenId, *, at: datetime) -> bool:
+        """Revoke a token; False if it was already revoked (or is gone)."""
+        result = await self._db.execute(
+            update(AccessTokenRow)
+            .where(AccessTokenRow.id == token_id, AccessTokenRow.revoked_at.is_(None))
+            .values(revoked_at=at)
+        )
+        return _rowcount(result) == 1
+
+    async def mark_used(self, token_id: AccessTokenId, *, at: datetime) -> None:
+        """Record that the token was just used."""
+        await self._db.execute(
+            update(AccessTokenRow).where(AccessTokenRow.id == token_id).values(last_used_at=at)
+        )
+
+    async def delete_expired(self, *, user_id: UserId, now: datetime) -> int:
+        """Delete the user's tokens that have expired (revoked or not); how many went."""
+        result = await self._db.execute(
+            delete(AccessTokenRow).where(
+                AccessTokenRow.user_id == user_id, AccessTokenRow.expires_at <= now
+            )
+        )
+        return _rowcount(result)
 
 
 class AgentRepository:
@@ -208,6 +286,58 @@ class AgentRepository:
                 updated_at=agent.updated_at,
             )
         )
+        _expect_one(result, "agent")
+
+    async def list_usable(self, *, by: UserId, before: uuid.UUID | None, limit: int) -> list[Agent]:
+        """Up to ``limit`` agents ``by`` may use (theirs and the default), newest first."""
+        query = select(AgentRow).where(or_(AgentRow.owner_id == by, AgentRow.is_default.is_(True)))
+        if before is not None:
+            query = query.where(AgentRow.id < before)
+        rows = await self._db.scalars(query.order_by(AgentRow.id.desc()).limit(limit))
+        return [_agent(row) for row in rows]
+
+    async def update_owned(self, agent: Agent, *, owner: UserId) -> None:
+        """Store new values for one of the owner's agents; NotFound if missing or not theirs."""
+        result = await self._db.execute(
+            update(AgentRow)
+            .where(
+                AgentRow.id == agent.id,
+                AgentRow.owner_id == owner,
+                AgentRow.is_default.is_(False),
+            )
+            .values(
+                name=agent.name,
+                model=agent.model,
+                instructions=agent.instructions,
+                tools=_tools_json(agent.tools),
+                updated_at=agent.updated_at,
+            )
+        )
+        _expect_one(result, "agent")
+
+    async def count_sessions(self, agent_id: AgentId) -> int:
+        """How many sessions (of anyone, archived included) use the agent."""
+        count = await self._db.scalar(
+            select(func.count()).select_from(SessionRow).where(SessionRow.agent_id == agent_id)
+        )
+        return int(count or 0)
+
+    async def delete_owned(self, agent_id: AgentId, *, owner: UserId) -> None:
+        """Delete one of the owner's agents; NotFound if not theirs, Conflict if sessions use it."""
+        try:
+            result = await self._db.execute(
+                delete(AgentRow).where(
+                    AgentRow.id == agent_id,
+                    AgentRow.owner_id == owner,
+                    AgentRow.is_default.is_(False),
+                )
+            )
+        except IntegrityError:
+            # sessions.agent_id is ON DELETE RESTRICT: a session made since the caller looked.
+            raise Conflict(
+                "the agent is used by sessions; delete those sessions first",
+                detail={"agent_id": str(agent_id)},
+            ) from None
         _expect_one(result, "agent")
 
 
@@ -772,6 +902,17 @@ def _tools_json(tools: tuple[ToolSetting, ...]) -> list[Any]:
 
 def _user(row: UserRow) -> User:
     return User(id=UserId(row.id), email=row.email, created_at=row.created_at)
+
+
+def _access_token(row: AccessTokenRow) -> AccessToken:
+    return AccessToken(
+        id=AccessTokenId(row.id),
+        user_id=UserId(row.user_id),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+    )
 
 
 def _api_key(row: ApiKeyRow) -> ApiKey:

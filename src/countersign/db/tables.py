@@ -78,8 +78,8 @@ class UserRow(Base):
     __tablename__ = "users"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
-    email: Mapped[str] = mapped_column(String(320))
-    """Stored normalised (lower case); unique."""
+    email: Mapped[str | None] = mapped_column(String(320))
+    """Stored normalised (lower case); unique. None for an account a provider made without one."""
     password_hash: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime]
 
@@ -117,6 +117,24 @@ class ApiKeyRow(Base):
     last_used_at: Mapped[datetime | None]
 
     __table_args__ = (UniqueConstraint("prefix"),)
+
+
+class AccessTokenRow(Base):
+    """An opaque login token; only its SHA-256 hash is stored."""
+
+    __tablename__ = "access_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+    __table_args__ = (UniqueConstraint("token_hash"),)
 
 
 class AgentRow(Base):

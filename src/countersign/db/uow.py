@@ -7,6 +7,7 @@ Driver errors that escape the block are translated into domain errors here.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from countersign.db.engine import IMMEDIATE
 from countersign.db.repositories import (
+    AccessTokenRepository,
     AgentRepository,
     ApiKeyRepository,
     ApprovalRepository,
@@ -27,6 +29,7 @@ from countersign.db.repositories import (
     UserRepository,
     translate_error,
 )
+from countersign.domain.errors import Unavailable
 
 UnitOfWorkFactory = Callable[..., "UnitOfWork"]
 
@@ -36,6 +39,7 @@ class UnitOfWork:
 
     users: UserRepository
     api_keys: ApiKeyRepository
+    access_tokens: AccessTokenRepository
     agents: AgentRepository
     sessions: SessionRepository
     messages: MessageRepository
@@ -44,14 +48,30 @@ class UnitOfWork:
     idempotency: IdempotencyRepository
 
     def __init__(
-        self, session_factory: async_sessionmaker[AsyncSession], *, is_sqlite: bool, write: bool
+        self,
+        session_factory: async_sessionmaker[AsyncSession],
+        *,
+        is_sqlite: bool,
+        write: bool,
+        writer_lock: WriterLock | None = None,
     ) -> None:
         self._session_factory = session_factory
         self._is_sqlite = is_sqlite
         self._write = write
+        self._writer_lock = writer_lock if is_sqlite and write else None
         self._db_session: AsyncSession | None = None
 
     async def __aenter__(self) -> Self:
+        if self._writer_lock is not None:
+            await self._writer_lock.acquire()
+        try:
+            return await self._begin()
+        except BaseException:
+            if self._writer_lock is not None:
+                self._writer_lock.release()
+            raise
+
+    async def _begin(self) -> Self:
         db_session = self._session_factory()
         self._db_session = db_session
         try:
@@ -68,6 +88,7 @@ class UnitOfWork:
             raise
         self.users = UserRepository(db_session)
         self.api_keys = ApiKeyRepository(db_session)
+        self.access_tokens = AccessTokenRepository(db_session)
         self.agents = AgentRepository(db_session)
         self.sessions = SessionRepository(db_session)
         self.messages = MessageRepository(db_session)
@@ -101,6 +122,8 @@ class UnitOfWork:
             rollback_error = error  # e.g. the connection died; the pool discards it
         finally:
             await db_session.close()
+            if self._writer_lock is not None:
+                self._writer_lock.release()
         if isinstance(exc, SQLAlchemyError | OSError):
             raise translate_error(exc) from exc
         if exc is None and rollback_error is not None:
@@ -112,12 +135,44 @@ class UnitOfWork:
         return self._db_session
 
 
+class WriterLock:
+    """SQLite's one writer, queued fairly inside the process.
+
+    SQLite lets one transaction write at a time. Left to ``busy_timeout``, waiting writers
+    poll with back-off and the unlucky ones time out under load ("database is locked");
+    queued here first-come first-served, each waits only for the writers before it. The
+    wait is still bounded: past ``wait_seconds`` the unit of work fails with Unavailable.
+    """
+
+    def __init__(self, *, wait_seconds: float) -> None:
+        self._lock = asyncio.Lock()
+        self._wait_seconds = wait_seconds
+
+    async def acquire(self) -> None:
+        """Wait for this process's turn to write."""
+        try:
+            async with asyncio.timeout(self._wait_seconds):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise Unavailable("the database is busy; try again") from None
+
+    def release(self) -> None:
+        """Let the next writer go."""
+        self._lock.release()
+
+
 def unit_of_work_factory(
-    session_factory: async_sessionmaker[AsyncSession], *, is_sqlite: bool
+    session_factory: async_sessionmaker[AsyncSession],
+    *,
+    is_sqlite: bool,
+    writer_wait_seconds: float = 30.0,
 ) -> UnitOfWorkFactory:
     """A callable that opens a UnitOfWork; ``write=False`` for read-only work."""
+    writer_lock = WriterLock(wait_seconds=writer_wait_seconds) if is_sqlite else None
 
     def open_unit_of_work(*, write: bool = True) -> UnitOfWork:
-        return UnitOfWork(session_factory, is_sqlite=is_sqlite, write=write)
+        return UnitOfWork(
+            session_factory, is_sqlite=is_sqlite, write=write, writer_lock=writer_lock
+        )
 
     return open_unit_of_work

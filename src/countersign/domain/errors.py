@@ -11,6 +11,9 @@
     ├── InvalidInput              the request is well-formed but not acceptable (422)
     │   └── IdempotencyKeyReused  an Idempotency-Key came back with another body (422)
     ├── Unauthenticated           no or bad credentials (401)
+    ├── Forbidden                 the request is understood but refused (403)
+    │   └── CsrfFailed            a cookie-authenticated request without its CSRF token (403)
+    ├── RateLimited               too many attempts; ``retry_after`` seconds to wait (429)
     ├── Unavailable               the database is busy or unreachable right now (503)
     ├── LeaseLost                 an executor's write found the run no longer its own
     └── StartupError              the server cannot start; one sentence and a hint
@@ -77,6 +80,28 @@ class Unauthenticated(CountersignError):
     """Credentials are missing, unknown, expired or revoked."""
 
     code = "unauthenticated"
+
+
+class Forbidden(CountersignError):
+    """The request is understood but refused (e.g. registration is closed)."""
+
+    code = "forbidden"
+
+
+class CsrfFailed(Forbidden):
+    """A cookie-authenticated unsafe request did not carry the matching CSRF token."""
+
+    code = "csrf_failed"
+
+
+class RateLimited(CountersignError):
+    """Too many attempts in a short time; ``retry_after`` is how many seconds to wait."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, detail={"retry_after": retry_after})
+        self.retry_after = retry_after
 
 
 class Unavailable(CountersignError):

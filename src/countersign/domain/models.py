@@ -27,6 +27,7 @@ SessionId = NewType("SessionId", uuid.UUID)
 MessageId = NewType("MessageId", uuid.UUID)
 RunId = NewType("RunId", uuid.UUID)
 ApprovalId = NewType("ApprovalId", uuid.UUID)
+AccessTokenId = NewType("AccessTokenId", uuid.UUID)
 
 JSONObject = dict[str, Any]
 T = TypeVar("T")
@@ -111,10 +112,14 @@ class ToolPolicy(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class User:
-    """A person or program that owns sessions."""
+    """A person or program that owns sessions.
+
+    ``email`` is None for an account made from a provider that gives no email; such an account
+    is found by its identity (provider + subject).
+    """
 
     id: UserId
-    email: str
+    email: str | None
     created_at: datetime
 
 
@@ -128,6 +133,22 @@ class ApiKey:
     prefix: str
     created_at: datetime
     last_used_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """An opaque login token (only its hash is stored); valid until it expires or is revoked."""
+
+    id: AccessTokenId
+    user_id: UserId
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+    def is_valid(self, *, at: datetime) -> bool:
+        """True when the token is neither revoked nor expired at this time."""
+        return self.revoked_at is None and at < self.expires_at
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,8 @@ person: any server process can then claim the run and resume it.
 
 from __future__ import annotations
 
+import logging
+
 from countersign.agent.tools import validate_tool_arguments
 from countersign.db.uow import UnitOfWork
 from countersign.domain.errors import NotFound
@@ -25,6 +27,8 @@ from countersign.services.sessions import SESSION_NOT_FOUND
 APPROVAL_NOT_FOUND = "approval not found"
 REASON_MAX_LENGTH = 2_000
 EXPIRED_REASON = "expired"
+
+audit_log = logging.getLogger("countersign.audit")
 
 
 async def decide_approval(
@@ -53,6 +57,19 @@ async def decide_approval(
         await uow.approvals.save_decision(decided)
         await _resolve(uow, deps, decided)
         await uow.commit()
+    audit_log.info(
+        "user %s decided approval %s: %s",
+        actor,
+        decided.id,
+        decided.status.value,
+        extra={
+            "event": "approval_decided",
+            "user_id": str(actor),
+            "approval_id": str(decided.id),
+            "run_id": str(decided.run_id),
+            "decision": decided.status.value,
+        },
+    )
     deps.broker.run_changed(decided.run_id)
     deps.broker.work_available()
     return decided
