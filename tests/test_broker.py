@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 
-from countersign.broker import PostgresBroker
+from countersign.broker import MAX_HANDED_EVENTS, LocalBroker, PostgresBroker
 from countersign.config import normalise_database_url
+from countersign.domain.events import EventType, RunEvent
 from countersign.domain.models import RunId, new_id
 from tests.support.databases import TestDatabase
 
 pytestmark = pytest.mark.backends("postgres")
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def stored_event(run_id: RunId, seq: int) -> RunEvent:
+    return RunEvent(
+        run_id=run_id,
+        seq=seq,
+        attempt=1,
+        type=EventType.TEXT_DELTA,
+        data={"text": "x"},
+        created_at=AT,
+    )
 
 
 @pytest.fixture
@@ -38,9 +53,10 @@ async def test_a_run_change_wakes_followers_in_another_process(
     here, there = brokers
     run_id, other_run = RunId(new_id()), RunId(new_id())
     async with there.follow(run_id) as follower, there.follow(other_run) as bystander:
-        here.run_changed(run_id)
-        assert await follower.wait(10) is True
-        assert await bystander.wait(0.3) is False
+        here.run_changed(run_id, [stored_event(run_id, 1)])
+        # Across processes the wake-up carries no events: the follower reads the database.
+        assert await follower.next(10) == []
+        assert await bystander.next(0.3) is None
 
 
 async def test_work_announced_in_one_process_wakes_the_other(
@@ -60,7 +76,30 @@ async def test_a_process_is_not_woken_twice_by_its_own_notification(
     here, _there = brokers
     run_id = RunId(new_id())
     async with here.follow(run_id) as follower:
-        here.run_changed(run_id)
-        assert await follower.wait(5) is True
+        here.run_changed(run_id, [stored_event(run_id, 1)])
+        assert await follower.next(5) == [stored_event(run_id, 1)]
         # The NOTIFY comes back to this process too; it must not wake the follower again.
-        assert await follower.wait(0.5) is False
+        assert await follower.next(0.5) is None
+
+
+async def test_local_followers_get_the_committed_events_in_order() -> None:
+    broker = LocalBroker()
+    run_id = RunId(new_id())
+    async with broker.follow(run_id) as follower:
+        assert await follower.next(0.05) is None
+        broker.run_changed(run_id, [stored_event(run_id, 1)])
+        broker.run_changed(run_id, [stored_event(run_id, 2), stored_event(run_id, 3)])
+        broker.run_changed(run_id)  # a status change with no events
+        assert [event.seq for event in await follower.next(1) or []] == [1, 2, 3]
+        assert await follower.next(0.05) is None
+
+
+async def test_a_follower_that_falls_far_behind_is_told_to_read_the_database() -> None:
+    broker = LocalBroker()
+    run_id = RunId(new_id())
+    async with broker.follow(run_id) as follower:
+        for seq in range(1, MAX_HANDED_EVENTS + 2):
+            broker.run_changed(run_id, [stored_event(run_id, seq)])
+        assert await follower.next(1) == []
+        broker.run_changed(run_id, [stored_event(run_id, MAX_HANDED_EVENTS + 2)])
+        assert [event.seq for event in await follower.next(1) or []] == [MAX_HANDED_EVENTS + 2]

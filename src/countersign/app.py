@@ -21,6 +21,12 @@ from countersign.agent.models import ModelOptions, validate_model_name
 from countersign.agent.tools import ToolLimits
 from countersign.api.errors import install_error_handlers
 from countersign.api.limits import BodyLimitMiddleware
+from countersign.api.oauth import (
+    OAuthProviders,
+    OAuthSessionMiddleware,
+    session_https_only,
+    session_secret,
+)
 from countersign.api.observability import Metrics, ObservabilityMiddleware
 from countersign.api.ratelimit import RateLimits
 from countersign.api.routes import (
@@ -30,6 +36,7 @@ from countersign.api.routes import (
     auth,
     me,
     messages,
+    oauth,
     ops,
     runs,
     sessions,
@@ -97,9 +104,11 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.metrics = metrics
     app.state.rate_limits = RateLimits(settings)
+    app.state.oauth_providers = OAuthProviders(settings.oauth_providers)
     install_error_handlers(app)
     for router in (
         auth.router,
+        oauth.router,
         api_keys.router,
         agents.router,
         sessions.router,
@@ -111,7 +120,13 @@ def create_app(settings: Settings) -> FastAPI:
     ):
         app.include_router(router)
     # Added last runs first: the request id is set before the access log line is written, and
-    # the body limit answers inside both, so its 413 is enveloped, counted and logged.
+    # the body limit answers inside both, so its 413 is enveloped, counted and logged. The
+    # OAuth session (only on the OAuth routes) is innermost: its cookie goes on error answers.
+    app.add_middleware(
+        OAuthSessionMiddleware,
+        secret_key=session_secret(settings),
+        https_only=session_https_only(settings),
+    )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     app.add_middleware(
@@ -198,7 +213,12 @@ def configure_logging(settings: Settings) -> None:
             "loggers": {
                 "uvicorn.access": {"level": "WARNING"},
                 "sqlalchemy": {"level": "WARNING"},
+                # Its debug lines carry every statement's parameters: hashes, emails, content.
+                "aiosqlite": {"level": "WARNING"},
+                "asyncpg": {"level": "WARNING"},
                 "alembic": {"level": "WARNING"},
+                # Authlib's debug lines carry PKCE verifiers; they must never be written.
+                "authlib": {"level": "INFO"},
             },
         }
     )

@@ -6,14 +6,25 @@ sentence naming the variable, so that the CLI can print it and exit with code 2.
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import limits
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from countersign.domain.errors import ConfigError
 
@@ -39,6 +50,146 @@ class Profile(StrEnum):
 
     DEV = "dev"
     PROD = "prod"
+
+
+class OAuthProviderKind(StrEnum):
+    """What a sign-in provider speaks: OpenID Connect, or one of the presets."""
+
+    OIDC = "oidc"
+    """Any OpenID Connect provider, configured by its discovery URL."""
+    GOOGLE = "google"
+    """Google: OpenID Connect with Google's discovery URL."""
+    GITHUB = "github"
+    """GitHub: OAuth 2 and its user API (``/user``, ``/user/emails``)."""
+    KAKAO = "kakao"
+    """Kakao: OAuth 2 and its user API (``/v2/user/me``); may give no email."""
+
+
+OPENID_KINDS = frozenset({OAuthProviderKind.OIDC, OAuthProviderKind.GOOGLE})
+"""The kinds that sign in with OpenID Connect (an ID token, a nonce, discovery)."""
+
+GOOGLE_DISCOVERY_URL = "https://accounts.google.com/.well-known/openid-configuration"
+GITHUB_AUTHORIZE_URL = "https://github.com/login/oauth/authorize"
+GITHUB_TOKEN_URL = "https://github.com/login/oauth/access_token"  # noqa: S105 - a URL
+GITHUB_API_URL = "https://api.github.com"
+KAKAO_AUTHORIZE_URL = "https://kauth.kakao.com/oauth/authorize"
+KAKAO_TOKEN_URL = "https://kauth.kakao.com/oauth/token"  # noqa: S105 - a URL
+KAKAO_API_URL = "https://kapi.kakao.com"
+
+_PRESETS: dict[OAuthProviderKind, dict[str, Any]] = {
+    OAuthProviderKind.OIDC: {
+        "discovery_url": None,
+        "scopes": ("openid", "email", "profile"),
+        "token_auth_method": "client_secret_basic",
+    },
+    OAuthProviderKind.GOOGLE: {
+        "discovery_url": GOOGLE_DISCOVERY_URL,
+        "scopes": ("openid", "email", "profile"),
+        "token_auth_method": "client_secret_basic",
+    },
+    OAuthProviderKind.GITHUB: {
+        "authorize_url": GITHUB_AUTHORIZE_URL,
+        "token_url": GITHUB_TOKEN_URL,
+        "api_url": GITHUB_API_URL,
+        "scopes": ("read:user", "user:email"),
+        "token_auth_method": "client_secret_post",
+    },
+    OAuthProviderKind.KAKAO: {
+        "authorize_url": KAKAO_AUTHORIZE_URL,
+        "token_url": KAKAO_TOKEN_URL,
+        "api_url": KAKAO_API_URL,
+        # No scope: Kakao asks for the consent items chosen in the app's settings.
+        "scopes": (),
+        "token_auth_method": "client_secret_post",
+    },
+}
+"""The fields each kind uses, with their defaults (None: the operator must give a value)."""
+
+_PROVIDER_URLS = ("discovery_url", "authorize_url", "token_url", "api_url")
+PROVIDER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+"""A provider's name: it appears in URLs and identifies its accounts (``identities.provider``)."""
+
+
+class OAuthProvider(BaseModel):
+    """One sign-in provider of ``COUNTERSIGN_OAUTH_PROVIDERS``; its kind's preset fills the rest.
+
+    Fields a kind does not use are refused (an ``oidc`` provider's endpoints come from its
+    discovery document, so it takes no ``authorize_url``), so that a typo cannot pass silently.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: OAuthProviderKind
+    client_id: str = Field(min_length=1, max_length=512)
+    client_secret: SecretStr | None = None
+    """Required, except for Kakao apps that turned client secrets off."""
+    discovery_url: str | None = None
+    """OpenID Connect kinds: the ``/.well-known/openid-configuration`` URL."""
+    authorize_url: str | None = None
+    """OAuth 2 kinds: where the browser is sent to sign in."""
+    token_url: str | None = None
+    """OAuth 2 kinds: where the authorization code is exchanged for a token."""
+    api_url: str | None = None
+    """OAuth 2 kinds: the base URL of the provider's user API."""
+    scopes: tuple[str, ...] = ()
+    """The scopes asked for; the kind's default when left out."""
+    token_auth_method: Literal["client_secret_basic", "client_secret_post", "none"] = (
+        "client_secret_basic"  # noqa: S105 - a method's name, not a secret
+    )
+    """How the client authenticates at the token endpoint; the kind's default when left out."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("kind") not in set(OAuthProviderKind):
+            return data  # field validation says what is wrong
+        kind = OAuthProviderKind(data["kind"])
+        preset = _PRESETS[kind]
+        for name in _PROVIDER_URLS:
+            if data.get(name) is not None and name not in preset:
+                used = (
+                    "the endpoints come from discovery_url"
+                    if kind in OPENID_KINDS
+                    else "it uses authorize_url, token_url and api_url"
+                )
+                raise ValueError(f"{name} is not used by {kind.value} providers ({used})")
+        filled = dict(data)
+        for name, value in preset.items():
+            if filled.get(name) is None:
+                filled[name] = value
+        if kind is OAuthProviderKind.KAKAO and filled.get("client_secret") is None:
+            filled["token_auth_method"] = "none"  # noqa: S105 - a method's name
+        return filled
+
+    @model_validator(mode="after")
+    def _check(self) -> OAuthProvider:
+        if self.kind is OAuthProviderKind.OIDC and self.discovery_url is None:
+            raise ValueError(
+                "needs a discovery_url (the provider's /.well-known/openid-configuration URL)"
+            )
+        secret = self.client_secret
+        if (secret is None or not secret.get_secret_value().strip()) and (
+            self.kind is not OAuthProviderKind.KAKAO
+        ):
+            raise ValueError(f"needs a client_secret ({self.kind.value} providers need one)")
+        for name in _PROVIDER_URLS:
+            url = getattr(self, name)
+            if url is not None and not _is_http_url(url):
+                raise ValueError(f"{name} is not an http(s) URL")
+        if self.kind in OPENID_KINDS and "openid" not in self.scopes:
+            raise ValueError("has scopes without openid, which OpenID Connect needs")
+        if any(not scope or any(char.isspace() for char in scope) for scope in self.scopes):
+            raise ValueError("has an empty scope or one with spaces (give a list of scopes)")
+        return self
+
+    @property
+    def is_openid(self) -> bool:
+        """True for OpenID Connect kinds (ID token, nonce, discovery)."""
+        return self.kind in OPENID_KINDS
+
+    def urls(self) -> dict[str, str]:
+        """The provider's configured URLs, by field name."""
+        return {name: url for name in _PROVIDER_URLS if (url := getattr(self, name)) is not None}
 
 
 class Settings(BaseSettings):
@@ -109,7 +260,16 @@ class Settings(BaseSettings):
     executor_poll_seconds: float = Field(default=1.0, gt=0, le=60)
     """How often the executor looks for work it was not told about (runs of dead processes)."""
     event_flush_seconds: float = Field(default=0.05, ge=0, le=10)
-    """Text deltas are committed in batches at most this far apart (a batch per 32 deltas)."""
+    """Text deltas are committed in batches at most this far apart (a batch per 64 deltas)."""
+    sse_heartbeat_seconds: float = Field(default=15.0, gt=0, le=300)
+    """An event stream with nothing to send says so with a comment line this often."""
+
+    public_url: str | None = None
+    """The server's address as browsers reach it (``https://chat.example.com``); OAuth redirect
+    URIs are built from it. Unset: from each request's own URL."""
+    oauth_providers: Annotated[dict[str, OAuthProvider], NoDecode] = Field(default_factory=dict)
+    """Sign-in providers by name, as a JSON object:
+    ``{"google": {"kind": "google", "client_id": "…", "client_secret": "…"}}``."""
 
     @field_validator("database_url")
     @classmethod
@@ -128,6 +288,59 @@ class Settings(BaseSettings):
                 "is not a rate limit; use e.g. 10/minute, 5 per second or 10/minute;100/hour"
             )
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        if not _is_http_url(value) or parts.query or parts.fragment:
+            raise ValueError(
+                "is not the server's base URL; use e.g. https://chat.example.com "
+                "(no query or fragment)"
+            )
+        return value
+
+    @field_validator("oauth_providers", mode="before")
+    @classmethod
+    def _parse_oauth_providers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "decode error"
+                raise ValueError(f"is not valid JSON ({reason})") from None
+        if not isinstance(value, dict):
+            raise ValueError("is not a JSON object that maps provider names to their settings")
+        return value
+
+    @field_validator("oauth_providers")
+    @classmethod
+    def _check_provider_names(cls, value: dict[str, OAuthProvider]) -> dict[str, OAuthProvider]:
+        for name in value:
+            if PROVIDER_NAME.fullmatch(name) is None:
+                raise ValueError(
+                    f"has the provider name {name!r}; a name is 1 to 32 lower-case letters, "
+                    "digits, - or _, starting with a letter or digit"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _prod_needs_https_providers(self) -> Settings:
+        if self.profile is not Profile.PROD:
+            return self
+        for name, provider in self.oauth_providers.items():
+            for field, url in provider.urls().items():
+                if urlsplit(url).scheme != "https" and not _is_loopback(url):
+                    raise ValueError(
+                        f"{ENV_PREFIX}OAUTH_PROVIDERS has an http {field} for {name!r}, and "
+                        "the prod profile needs https (except on this machine)"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _prod_needs_secret(self) -> Settings:
@@ -157,6 +370,24 @@ class Settings(BaseSettings):
         if self.open_registration is not None:
             return self.open_registration
         return self.profile is Profile.DEV
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def normalise_database_url(value: str) -> str:
@@ -259,8 +490,14 @@ def _describe(exc: ValidationError) -> str:
     message = message[:1].lower() + message[1:]
     name = f"{ENV_PREFIX}{location[0].upper()}"
     value = error.get("input")
-    hidden = "SECRET" in name or "DATABASE_URL" in name or isinstance(value, dict)
+    # Provider settings carry client secrets: never echo them, nor any part of them.
+    hidden = (
+        "SECRET" in name or "DATABASE_URL" in name or "OAUTH" in name or isinstance(value, dict)
+    )
     shown = "" if hidden else f" (got {value!r})"
+    if len(location) > 1:
+        # A value inside a structured setting, such as one provider's field.
+        name = f"{name} at {'.'.join(location[1:])}"
     if message.startswith(("is ", "uses ", "needs ", "names ", "has ")):
         return f"{name} {message}{shown}."
     return f"{name} is invalid: {message}{shown}."

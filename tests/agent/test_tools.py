@@ -53,12 +53,17 @@ class RecordingJournal:
 
     def __init__(self) -> None:
         self.records: list[Record] = []
+        self.stopped: list[bool] = []
+        """Per finished record: whether it came from an error or a cancel (commit at once)."""
 
     async def tool_started(self, *, call_id: str, tool: str, arguments: dict[str, Any]) -> None:
         self.records.append(("started", call_id, tool, arguments))
 
-    async def tool_finished(self, *, call_id: str, tool: str, output: str) -> None:
+    async def tool_finished(
+        self, *, call_id: str, tool: str, output: str, stopped: bool = False
+    ) -> None:
         self.records.append(("finished", call_id, tool, output))
+        self.stopped.append(stopped)
 
 
 def scripted(*steps: Sequence[Call]) -> FunctionModel:
@@ -164,7 +169,7 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-async def wait_until_dead(pid: int, bound: float = 5.0) -> bool:
+async def wait_until_dead(pid: int, bound: float = 20.0) -> bool:
     deadline = time.monotonic() + bound
     while alive(pid):
         if time.monotonic() > deadline:
@@ -185,6 +190,8 @@ async def test_list_files_lists_one_level_sorted_with_kinds(turn: Turn, workspac
     assert await turn.call("list_files", path="sub/deeper") == "(folder sub/deeper is empty)"
     assert await turn.call("list_files", path="b.txt") == "path b.txt is not a folder"
     assert await turn.call("list_files", path="nope") == "folder nope does not exist"
+    # Ordinary outcomes (errors the model is told about included) need no commit at once.
+    assert turn.journal.stopped == [False] * 5
 
 
 async def test_the_workspace_is_created_on_first_use(tmp_path: Path) -> None:
@@ -488,7 +495,7 @@ async def test_shell_timeout_kills_the_whole_process_group(workspace: Path) -> N
     output = await turn.call("shell", command="sh -c 'echo started; sleep 30 & echo $!; wait'")
 
     elapsed = time.monotonic() - started
-    assert elapsed < 10, "the timeout did not stop the command"
+    assert elapsed < 25, "the timeout did not stop the command"
     status, partial, child = output.splitlines()
     assert status == "timed out after 0.5 s; output so far:"
     assert partial == "started"
@@ -501,7 +508,7 @@ async def test_a_plain_sleep_is_stopped_by_the_timeout(workspace: Path) -> None:
 
     output = await turn.call("shell", command="sleep 30")
 
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 25
     assert output == "timed out after 0.5 s; output so far:\n"
 
 
@@ -511,7 +518,7 @@ async def test_background_processes_stop_when_the_command_ends(turn: Turn) -> No
     output = await turn.call("shell", command="sh -c 'sleep 30 & echo $!'")
 
     # Without stopping the group, the sleep would hold the output pipe for 30 s.
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 25
     assert await wait_until_dead(int(output))
 
 
@@ -520,7 +527,7 @@ async def test_a_cancelled_command_is_killed_and_its_call_still_finished(
 ) -> None:
     run = asyncio.create_task(turn.run([("shell", {"command": "sh -c 'echo $$ > pid; sleep 30'"})]))
     pid_file = workspace / "pid"
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while not pid_file.exists() or not pid_file.read_text().strip():
         assert time.monotonic() < deadline, "the command did not start"
         await asyncio.sleep(0.05)
@@ -532,6 +539,7 @@ async def test_a_cancelled_command_is_killed_and_its_call_still_finished(
     assert await wait_until_dead(int(pid_file.read_text()))
     assert [record[0] for record in turn.journal.records] == ["started", "finished"]
     assert turn.journal.records[-1][3] == "the tool shell was cancelled before it finished"
+    assert turn.journal.stopped == [True]
 
 
 async def test_an_unexpected_error_is_journaled_as_finished_and_raised(tmp_path: Path) -> None:
@@ -545,6 +553,7 @@ async def test_an_unexpected_error_is_journaled_as_finished_and_raised(tmp_path:
     assert turn.journal.records[-1][3].startswith(
         "the tool list_files failed unexpectedly: ValueError: embedded null byte"
     )
+    assert turn.journal.stopped == [True]
 
 
 # --- argument validation and descriptions ---------------------------------------------------------

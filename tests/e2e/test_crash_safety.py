@@ -18,7 +18,7 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -171,13 +171,6 @@ async def new_api_key(database_url: str) -> str:
 
 
 # --- servers and the HTTP API -------------------------------------------------------------
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[ServerProcesses]:
-    """This test's server processes; whatever still runs at the end is stopped."""
-    with ServerProcesses(tmp_path) as started:
-        yield started
 
 
 async def start(

@@ -38,13 +38,20 @@ from countersign.domain.models import ToolPolicy, ToolSetting
 
 
 class ToolJournal(Protocol):
-    """Where a tool call is recorded; the executor commits each record before returning."""
+    """Where a tool call is recorded (the executor's turn)."""
 
     async def tool_started(self, *, call_id: str, tool: str, arguments: dict[str, Any]) -> None:
-        """A tool is about to run with these (validated) arguments."""
+        """A tool is about to run with these (validated) arguments: commit it before returning."""
 
-    async def tool_finished(self, *, call_id: str, tool: str, output: str) -> None:
-        """A tool has run (or was refused) and this is what the model gets back."""
+    async def tool_finished(
+        self, *, call_id: str, tool: str, output: str, stopped: bool = False
+    ) -> None:
+        """A tool has run (or was refused) and this is what the model gets back.
+
+        ``stopped``: it ended by an error or a cancel, and the run is about to stop: commit the
+        record before returning. Otherwise it may go with the run's next write, which comes
+        before the model is asked anything again.
+        """
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +338,9 @@ class _BuiltinToolset(FunctionToolset[TurnDeps]):
             # A started call must always be closed, or it would look unfinished and never be
             # retried; shielded so that a cancelled run still records it.
             with anyio.CancelScope(shield=True):
-                await journal.tool_finished(call_id=call_id, tool=name, output=_stopped(name, exc))
+                await journal.tool_finished(
+                    call_id=call_id, tool=name, output=_stopped(name, exc), stopped=True
+                )
             raise
         await journal.tool_finished(call_id=call_id, tool=name, output=output)
         return output

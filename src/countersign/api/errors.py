@@ -18,6 +18,8 @@ from countersign.domain.errors import (
     Forbidden,
     InvalidInput,
     NotFound,
+    OAuthFailed,
+    ProviderUnavailable,
     RateLimited,
     Unauthenticated,
     Unavailable,
@@ -32,6 +34,8 @@ _STATUS: list[tuple[type[CountersignError], int]] = [
     (Unauthenticated, 401),
     (Forbidden, 403),
     (RateLimited, 429),
+    (OAuthFailed, 400),
+    (ProviderUnavailable, 502),
     (Unavailable, 503),
 ]
 
@@ -48,6 +52,7 @@ _HTTP_CODES = {
     422: "invalid_input",
     429: "too_many_requests",
     500: "internal_error",
+    502: "bad_gateway",
     503: "unavailable",
 }
 

@@ -23,6 +23,7 @@ from countersign.db.tables import (
     ApprovalRow,
     EventRow,
     IdempotencyKeyRow,
+    IdentityRow,
     MessageRow,
     RunRow,
     SessionRow,
@@ -49,6 +50,8 @@ from countersign.domain.models import (
     ApprovalId,
     ApprovalStatus,
     ClaimedRun,
+    Identity,
+    IdentityId,
     JSONObject,
     Lease,
     Message,
@@ -150,10 +153,19 @@ class ApiKeyRepository:
         )
         await self._db.flush()
 
-    async def find_by_prefix(self, prefix: str) -> tuple[ApiKey, str] | None:
-        """The key with this prefix and its stored hash, or None."""
-        row = await self._db.scalar(select(ApiKeyRow).where(ApiKeyRow.prefix == prefix))
-        return None if row is None else (_api_key(row), row.key_hash)
+    async def find_by_prefix(self, prefix: str) -> tuple[ApiKey, str, User] | None:
+        """The key with this prefix, its stored hash and its owner, or None (one statement)."""
+        found = (
+            await self._db.execute(
+                select(ApiKeyRow, UserRow)
+                .join(UserRow, UserRow.id == ApiKeyRow.user_id)
+                .where(ApiKeyRow.prefix == prefix)
+            )
+        ).one_or_none()
+        if found is None:
+            return None
+        key, owner = found
+        return _api_key(key), key.key_hash, _user(owner)
 
     async def mark_used(self, key_id: ApiKeyId, *, at: datetime) -> None:
         """Record that the key was just used."""
@@ -441,6 +453,54 @@ class MessageRepository:
         )
         return int(newest or 0) + 1
 
+    async def add_next(
+        self,
+        *,
+        message_id: MessageId,
+        session_id: SessionId,
+        role: MessageRole,
+        content: str,
+        run_id: RunId | None,
+        at: datetime,
+    ) -> Message:
+        """Insert the session's next message (its ``seq`` is the newest + 1) in one statement.
+
+        Two concurrent inserts on one session both pick the same ``seq``; the unique key
+        turns the second into a Conflict.
+        """
+        next_seq = (
+            select(func.coalesce(func.max(MessageRow.seq), 0) + 1)
+            .where(MessageRow.session_id == session_id)
+            .scalar_subquery()
+        )
+        seq = await self._db.scalar(
+            insert(MessageRow)
+            .values(
+                id=message_id,
+                session_id=session_id,
+                seq=next_seq,
+                role=role.value,
+                content=content,
+                run_id=run_id,
+                created_at=at,
+            )
+            .returning(MessageRow.seq)
+        )
+        assert seq is not None
+        return Message(
+            id=message_id,
+            session_id=session_id,
+            seq=seq,
+            role=role,
+            content=content,
+            run_id=run_id,
+            created_at=at,
+        )
+
+
+EVENTS_PER_INSERT = 500
+"""Rows of one multi-row INSERT into events (6 parameters each)."""
+
 
 class RunRepository:
     """Runs, their leases and their event logs.
@@ -454,8 +514,8 @@ class RunRepository:
 
     async def add(self, run: Run, *, at: datetime) -> None:
         """Insert a new run; Conflict (RunActive upstream) if the session already has one."""
-        self._db.add(
-            RunRow(
+        await self._db.execute(
+            insert(RunRow).values(
                 id=run.id,
                 session_id=run.session_id,
                 status=run.status.value,
@@ -471,7 +531,6 @@ class RunRepository:
                 finished_at=None,
             )
         )
-        await self._db.flush()
 
     async def get(self, run_id: RunId, *, session_id: SessionId) -> Run | None:
         """The run if it belongs to the session."""
@@ -490,8 +549,14 @@ class RunRepository:
         )
         return None if row is None else _run(row)
 
-    async def claim(self, *, owner: str, now: datetime, lease_until: datetime) -> ClaimedRun | None:
-        """Take the oldest queued run, or a running one whose lease ran out, in one statement."""
+    async def claim(
+        self, *, owner: str, now: datetime, lease_until: datetime, limit: int = 1
+    ) -> list[ClaimedRun]:
+        """Take up to ``limit`` of the oldest queued runs, or running ones whose lease ran out.
+
+        One statement: the rows are picked with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL), so
+        executors in other processes never take the same run.
+        """
         claimable = (
             select(RunRow.id)
             .where(
@@ -504,14 +569,13 @@ class RunRepository:
                 )
             )
             .order_by(RunRow.created_at)
-            .limit(1)
+            .limit(limit)
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
         )
-        row = (
+        rows = (
             await self._db.execute(
                 update(RunRow)
-                .where(RunRow.id == claimable)
+                .where(RunRow.id.in_(claimable))
                 .values(
                     status=RunStatus.RUNNING.value,
                     owner=owner,
@@ -529,25 +593,26 @@ class RunRepository:
                     RunRow.created_at,
                 )
             )
-        ).one_or_none()
-        if row is None:
-            return None
-        run = Run(
-            id=RunId(row.id),
-            session_id=SessionId(row.session_id),
-            status=RunStatus.RUNNING,
-            attempt=row.attempt,
-            error=None,
-            created_at=row.created_at,
-            finished_at=None,
-        )
-        return ClaimedRun(
-            run=run,
-            lease=Lease(owner=owner, attempt=row.attempt),
-            history=None if row.history is None else list(row.history),
-            last_seq=row.last_seq,
-            checkpoint_seq=row.checkpoint_seq,
-        )
+        ).all()
+        claimed = [
+            ClaimedRun(
+                run=Run(
+                    id=RunId(row.id),
+                    session_id=SessionId(row.session_id),
+                    status=RunStatus.RUNNING,
+                    attempt=row.attempt,
+                    error=None,
+                    created_at=row.created_at,
+                    finished_at=None,
+                ),
+                lease=Lease(owner=owner, attempt=row.attempt),
+                history=None if row.history is None else list(row.history),
+                last_seq=row.last_seq,
+                checkpoint_seq=row.checkpoint_seq,
+            )
+            for row in rows
+        ]
+        return sorted(claimed, key=lambda found: found.run.created_at)
 
     async def extend_lease(self, run_id: RunId, lease: Lease, *, until: datetime) -> None:
         """Push the lease out; LeaseLost if the run is no longer this lease's."""
@@ -575,10 +640,12 @@ class RunRepository:
         lease: Lease | None = None,
         expect: tuple[RunStatus, ...] = (),
         values: JSONObject | None = None,
-        checkpoint: bool = False,
+        checkpoint_after: int | None = None,
     ) -> list[RunEvent]:
         """Append events to the run's log with one fenced UPDATE (plus ``values``) and one INSERT.
 
+        ``checkpoint_after``: the history in ``values`` covers the first that many of ``events``
+        (and everything before them); a retry starts there.
         With ``lease`` the write is the executor's: LeaseLost unless it still holds the run.
         With ``expect`` it is a person's (a decision, a cancel): NotFound-like Conflict unless
         the run is in one of those states.
@@ -589,9 +656,8 @@ class RunRepository:
             else [RunRow.id == run_id, RunRow.status.in_([status.value for status in expect])]
         )
         changes: JSONObject = {"last_seq": RunRow.last_seq + len(events), "updated_at": at}
-        if checkpoint:
-            # The history stored with this write covers every event up to the new last_seq.
-            changes["checkpoint_seq"] = RunRow.last_seq + len(events)
+        if checkpoint_after is not None:
+            changes["checkpoint_seq"] = RunRow.last_seq + checkpoint_after
         bumped = (
             await self._db.execute(
                 update(RunRow)
@@ -620,20 +686,21 @@ class RunRepository:
             )
             for index, event in enumerate(events)
         ]
-        await self._db.execute(
-            insert(EventRow),
-            [
-                {
-                    "run_id": event.run_id,
-                    "seq": event.seq,
-                    "type": event.type.value,
-                    "attempt": event.attempt,
-                    "data": event.data,
-                    "created_at": event.created_at,
-                }
-                for event in stored
-            ],
-        )
+        rows = [
+            {
+                "run_id": event.run_id,
+                "seq": event.seq,
+                "type": event.type.value,
+                "attempt": event.attempt,
+                "data": event.data,
+                "created_at": event.created_at,
+            }
+            for event in stored
+        ]
+        # One multi-row INSERT per chunk: one round trip, where an executemany is one
+        # statement per row on PostgreSQL. Chunks keep within the drivers' parameter limits.
+        for start in range(0, len(rows), EVENTS_PER_INSERT):
+            await self._db.execute(insert(EventRow).values(rows[start : start + EVENTS_PER_INSERT]))
         return stored
 
     async def events(self, run_id: RunId, *, after_seq: int, limit: int) -> list[RunEvent]:
@@ -681,22 +748,14 @@ class RunRepository:
         return None if row is None else (RunStatus(row.status), row.last_seq)
 
     async def turn_context(self, run_id: RunId, *, session_id: SessionId) -> TurnContext:
-        """The agent, workspace, prompt and prior history a run's turn needs."""
-        found = (
-            await self._db.execute(
-                select(AgentRow, SessionRow.workspace)
-                .join(SessionRow, SessionRow.agent_id == AgentRow.id)
-                .where(SessionRow.id == session_id)
-            )
-        ).one_or_none()
-        if found is None:
-            raise NotFound(f"session {session_id} not found")
-        prompt = await self._db.scalar(
-            select(MessageRow.content).where(
-                MessageRow.run_id == run_id, MessageRow.role == MessageRole.USER.value
-            )
+        """The agent, workspace, prompt and prior history a run's turn needs, in one statement."""
+        prompt = (
+            select(MessageRow.content)
+            .where(MessageRow.run_id == run_id, MessageRow.role == MessageRole.USER.value)
+            .limit(1)
+            .scalar_subquery()
         )
-        prior = await self._db.scalar(
+        prior = (
             select(RunRow.history)
             .where(
                 RunRow.session_id == session_id,
@@ -705,12 +764,23 @@ class RunRepository:
             )
             .order_by(RunRow.created_at.desc())
             .limit(1)
+            .scalar_subquery()
         )
+        found = (
+            await self._db.execute(
+                select(AgentRow, SessionRow.workspace, prompt, prior)
+                .join(SessionRow, SessionRow.agent_id == AgentRow.id)
+                .where(SessionRow.id == session_id)
+            )
+        ).one_or_none()
+        if found is None:
+            raise NotFound(f"session {session_id} not found")
+        agent, workspace, prompt_text, prior_history = found
         return TurnContext(
-            agent=_agent(found[0]),
-            workspace=found[1],
-            prompt=prompt or "",
-            prior_history=None if prior is None else list(prior),
+            agent=_agent(agent),
+            workspace=workspace,
+            prompt=prompt_text or "",
+            prior_history=None if prior_history is None else list(prior_history),
         )
 
 
@@ -1016,4 +1086,60 @@ def _approval(row: ApprovalRow) -> Approval:
         expires_at=row.expires_at,
         created_at=row.created_at,
         tool_call_id=row.tool_call_id,
+    )
+
+
+# --- identities (OAuth / OpenID Connect) ----------------------------------------------------
+
+
+class IdentityRepository:
+    """Provider identities (provider + subject) and the users they are linked to."""
+
+    def __init__(self, db_session: AsyncSession) -> None:
+        self._db = db_session
+
+    async def find_user(self, *, provider: str, subject: str) -> tuple[Identity, User] | None:
+        """The identity with this provider and subject, and its user; None if unknown."""
+        row = (
+            await self._db.execute(
+                select(IdentityRow, UserRow)
+                .join(UserRow, UserRow.id == IdentityRow.user_id)
+                .where(IdentityRow.provider == provider, IdentityRow.subject == subject)
+            )
+        ).one_or_none()
+        return None if row is None else (_identity(row[0]), _user(row[1]))
+
+    async def add(self, identity: Identity) -> None:
+        """Link an identity to its user; AlreadyExists if the provider + subject is linked."""
+        self._db.add(
+            IdentityRow(
+                id=identity.id,
+                user_id=identity.user_id,
+                provider=identity.provider,
+                subject=identity.subject,
+                email=identity.email,
+                created_at=identity.created_at,
+            )
+        )
+        try:
+            await self._db.flush()
+        except IntegrityError:
+            raise AlreadyExists("this provider account is already linked to a user") from None
+
+    async def list_for_user(self, user_id: UserId) -> list[Identity]:
+        """The user's identities, oldest first."""
+        rows = await self._db.scalars(
+            select(IdentityRow).where(IdentityRow.user_id == user_id).order_by(IdentityRow.id)
+        )
+        return [_identity(row) for row in rows]
+
+
+def _identity(row: IdentityRow) -> Identity:
+    return Identity(
+        id=IdentityId(row.id),
+        user_id=UserId(row.user_id),
+        provider=row.provider,
+        subject=row.subject,
+        email=row.email,
+        created_at=row.created_at,
     )

@@ -23,6 +23,7 @@ from countersign.db.repositories import (
     ApiKeyRepository,
     ApprovalRepository,
     IdempotencyRepository,
+    IdentityRepository,
     MessageRepository,
     RunRepository,
     SessionRepository,
@@ -39,6 +40,7 @@ class UnitOfWork:
 
     users: UserRepository
     api_keys: ApiKeyRepository
+    identities: IdentityRepository
     access_tokens: AccessTokenRepository
     agents: AgentRepository
     sessions: SessionRepository
@@ -88,6 +90,7 @@ class UnitOfWork:
             raise
         self.users = UserRepository(db_session)
         self.api_keys = ApiKeyRepository(db_session)
+        self.identities = IdentityRepository(db_session)
         self.access_tokens = AccessTokenRepository(db_session)
         self.agents = AgentRepository(db_session)
         self.sessions = SessionRepository(db_session)

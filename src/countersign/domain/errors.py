@@ -14,6 +14,8 @@
     ├── Forbidden                 the request is understood but refused (403)
     │   └── CsrfFailed            a cookie-authenticated request without its CSRF token (403)
     ├── RateLimited               too many attempts; ``retry_after`` seconds to wait (429)
+    ├── OAuthFailed               a sign-in through an OAuth/OIDC provider went wrong (400)
+    ├── ProviderUnavailable       the sign-in provider cannot be reached (502)
     ├── Unavailable               the database is busy or unreachable right now (503)
     ├── LeaseLost                 an executor's write found the run no longer its own
     └── StartupError              the server cannot start; one sentence and a hint
@@ -102,6 +104,18 @@ class RateLimited(CountersignError):
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message, detail={"retry_after": retry_after})
         self.retry_after = retry_after
+
+
+class OAuthFailed(CountersignError):
+    """A sign-in through a provider failed: state, code, ID token or profile were not good."""
+
+    code = "oauth_failed"
+
+
+class ProviderUnavailable(CountersignError):
+    """The sign-in provider could not be reached (or did not answer in time)."""
+
+    code = "provider_unavailable"
 
 
 class Unavailable(CountersignError):

@@ -28,6 +28,7 @@ MessageId = NewType("MessageId", uuid.UUID)
 RunId = NewType("RunId", uuid.UUID)
 ApprovalId = NewType("ApprovalId", uuid.UUID)
 AccessTokenId = NewType("AccessTokenId", uuid.UUID)
+IdentityId = NewType("IdentityId", uuid.UUID)
 
 JSONObject = dict[str, Any]
 T = TypeVar("T")
@@ -119,6 +120,22 @@ class User:
     """
 
     id: UserId
+    email: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An OAuth/OIDC provider's account (``provider`` + ``subject``) linked to a user.
+
+    ``provider`` is the provider's configured name; ``email`` is what the provider said at the
+    first login, verified or not (only a verified one is ever a user's email).
+    """
+
+    id: IdentityId
+    user_id: UserId
+    provider: str
+    subject: str
     email: str | None
     created_at: datetime
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from countersign.broker import LocalBroker
 from countersign.config import Settings
 from countersign.db.uow import UnitOfWorkFactory
-from countersign.domain.models import Clock, new_id
+from countersign.domain.errors import InvalidInput
+from countersign.domain.models import Clock, decode_cursor, new_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,3 +25,13 @@ class ServiceDeps:
     settings: Settings
     new_id: Callable[[], uuid.UUID] = new_id
     broker: LocalBroker = field(default_factory=LocalBroker)
+
+
+def uuid_cursor(cursor: str | None) -> uuid.UUID | None:
+    """The id a page cursor stands for (None: the first page); InvalidInput if it is not one."""
+    if cursor is None:
+        return None
+    try:
+        return uuid.UUID(decode_cursor(cursor))
+    except ValueError:
+        raise InvalidInput("cursor is not valid; use next_cursor from a previous page") from None

@@ -25,7 +25,6 @@ from countersign.domain.models import (
     Page,
     User,
     UserId,
-    decode_cursor,
     encode_cursor,
     normalise_email,
 )
@@ -40,7 +39,7 @@ from countersign.security import (
     token_matches,
     verify_password,
 )
-from countersign.services import ServiceDeps
+from countersign.services import ServiceDeps, uuid_cursor
 
 PASSWORD_MIN_LENGTH = 10
 PASSWORD_MAX_LENGTH = 1024
@@ -212,10 +211,7 @@ async def _authenticate_api_key(deps: ServiceDeps, credential: str, prefix: str)
         found = await uow.api_keys.find_by_prefix(prefix)
         if found is None or not token_matches(credential, found[1]):
             raise Unauthenticated(BAD_CREDENTIALS)
-        key = found[0]
-        user = await uow.users.get(key.user_id)
-        if user is None:
-            raise Unauthenticated(BAD_CREDENTIALS)
+        key, _hash, user = found
     if _due(key.last_used_at, now):
         async with deps.uow_factory() as uow:
             await uow.api_keys.mark_used(key.id, at=now)
@@ -279,7 +275,7 @@ async def list_api_keys(
     deps: ServiceDeps, *, actor: UserId, cursor: str | None, limit: int
 ) -> Page[ApiKey]:
     """The actor's API keys, newest first, one page at a time (secrets are never shown)."""
-    before = _uuid_cursor(cursor)
+    before = uuid_cursor(cursor)
     async with deps.uow_factory(write=False) as uow:
         keys = await uow.api_keys.list_owned(owner=actor, before=before, limit=limit + 1)
     if len(keys) <= limit:
@@ -339,12 +335,3 @@ def _audit_key_created(key: ApiKey) -> None:
             "prefix": key.prefix,
         },
     )
-
-
-def _uuid_cursor(cursor: str | None) -> uuid.UUID | None:
-    if cursor is None:
-        return None
-    try:
-        return uuid.UUID(decode_cursor(cursor))
-    except ValueError:
-        raise InvalidInput("cursor is not valid; use next_cursor from a previous page") from None

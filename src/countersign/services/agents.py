@@ -28,10 +28,9 @@ from countersign.domain.models import (
     ToolPolicy,
     ToolSetting,
     UserId,
-    decode_cursor,
     encode_cursor,
 )
-from countersign.services import ServiceDeps
+from countersign.services import ServiceDeps, uuid_cursor
 from countersign.services.idempotency import IdempotentRequest, remember_response, stored_response
 
 NAME_MAX_LENGTH = 100
@@ -142,7 +141,7 @@ async def list_agents(
     deps: ServiceDeps, *, actor: UserId, cursor: str | None, limit: int
 ) -> Page[Agent]:
     """The agents ``actor`` may use (theirs and the default), newest first, one page at a time."""
-    before = _uuid_cursor(cursor)
+    before = uuid_cursor(cursor)
     async with deps.uow_factory(write=False) as uow:
         agents = await uow.agents.list_usable(by=actor, before=before, limit=limit + 1)
     if len(agents) <= limit:
@@ -270,12 +269,3 @@ async def _editable(uow: UnitOfWork, agent_id: AgentId, actor: UserId) -> Agent:
     if agent.is_default:
         raise Conflict(DEFAULT_AGENT_READ_ONLY, detail={"agent_id": str(agent.id)})
     return agent
-
-
-def _uuid_cursor(cursor: str | None) -> uuid.UUID | None:
-    if cursor is None:
-        return None
-    try:
-        return uuid.UUID(decode_cursor(cursor))
-    except ValueError:
-        raise InvalidInput("cursor is not valid; use next_cursor from a previous page") from None

@@ -1,8 +1,9 @@
 """The run executor: claims queued runs and carries out their turns in this process.
 
 A turn is many short units of work, never one long transaction (SPEC invariant 3):
-claim (one UPDATE with a lease) → read the turn's context → run the agent with no transaction
-open, appending events in small fenced batches → pause for approval, or finish.
+claim (one UPDATE with a lease, and the turn's context read in the same transaction) → run
+the agent with no transaction open, appending events in small fenced batches → pause for
+approval, or finish.
 
 - Every write of a run names the lease (owner and attempt) and the ``running`` status; a
   process that lost its lease (paused, cancelled, taken over) writes nothing and stops.
@@ -47,7 +48,7 @@ from countersign.agent.runner import (
 from countersign.agent.tools import ToolLimits
 from countersign.db.uow import UnitOfWork
 from countersign.domain.errors import CountersignError, LeaseLost
-from countersign.domain.events import EventType, NewEvent, assistant_text, text_delta
+from countersign.domain.events import EventType, NewEvent, RunEvent, assistant_text, text_delta
 from countersign.domain.models import (
     Agent,
     Approval,
@@ -56,7 +57,6 @@ from countersign.domain.models import (
     ClaimedRun,
     JSONObject,
     Lease,
-    Message,
     MessageId,
     MessageRole,
     RunId,
@@ -69,7 +69,7 @@ from countersign.services.approvals import expire_approvals
 
 logger = logging.getLogger(__name__)
 
-DELTAS_PER_BATCH = 32
+DELTAS_PER_BATCH = 64
 MAX_CACHED_AGENTS = 1_000
 
 
@@ -149,33 +149,37 @@ class Executor:
                 if time.monotonic() >= next_expiry:
                     next_expiry = time.monotonic() + self.options.poll_seconds
                     await expire_approvals(self.deps)
-                while len(self._tasks) < self.options.concurrency:
-                    claimed = await self._claim()
-                    if claimed is None:
-                        break
-                    task = asyncio.create_task(
-                        self._carry_out(claimed), name=f"run {claimed.run.id}"
-                    )
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                while (free := self.options.concurrency - len(self._tasks)) > 0:
+                    claimed = await self._claim(free)
+                    for run, start in claimed:
+                        task = asyncio.create_task(
+                            self._carry_out(run, start), name=f"run {run.run.id}"
+                        )
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                    if len(claimed) < free:
+                        break  # nothing more is waiting
             except CountersignError as error:
                 # The database is busy or away; the next poll tries again.
                 logger.warning("executor could not claim work: %s", error.message)
             await self.deps.broker.wait_for_work(self.options.poll_seconds)
 
-    async def _claim(self) -> ClaimedRun | None:
+    async def _claim(self, limit: int) -> list[tuple[ClaimedRun, _Start]]:
+        """Claim up to ``limit`` runs and read what their turns need, in one transaction."""
         now = self.deps.clock.now()
         async with self.deps.uow_factory() as uow:
             claimed = await uow.runs.claim(
                 owner=self.name,
                 now=now,
                 lease_until=now + timedelta(seconds=self.options.lease_seconds),
+                limit=limit,
             )
+            starts = [await _read_start(uow, run) for run in claimed]
             await uow.commit()
-        return claimed
+        return list(zip(claimed, starts, strict=True))
 
-    async def _carry_out(self, claimed: ClaimedRun) -> None:
-        turn = _Turn(self, claimed)
+    async def _carry_out(self, claimed: ClaimedRun, start: _Start) -> None:
+        turn = _Turn(self, claimed, start)
         heartbeat = asyncio.create_task(turn.heartbeat(asyncio.current_task()))
         try:
             await turn.carry_out()
@@ -201,10 +205,11 @@ class Executor:
 class _Turn:
     """One claimed attempt at a run; also the sink the agent runner reports to."""
 
-    def __init__(self, executor: Executor, claimed: ClaimedRun) -> None:
+    def __init__(self, executor: Executor, claimed: ClaimedRun, start: _Start) -> None:
         self.executor = executor
         self.deps = executor.deps
         self.claimed = claimed
+        self.start = start
         self.run_id: RunId = claimed.run.id
         self.lease: Lease = claimed.lease
         self.pending: list[NewEvent] = []
@@ -213,10 +218,14 @@ class _Turn:
         self.flush_task: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
         self.lease_lost = False
+        self.tools_running = 0
+        self.tools_since_checkpoint = claimed.history is not None
+        """Whether a tool may have run since the stored checkpoint (a resumed run: decided)."""
+        self.deferred_checkpoint: tuple[list[Any], int] | None = None
+        """A checkpoint to store with the next batch: its history, and how many queued
+        events it covers."""
         self.streamed = False
         """Whether this attempt has streamed any text yet."""
-        self.earlier_text = ""
-        """The reply text earlier attempts streamed before this attempt's starting point."""
 
     # -- the sink -------------------------------------------------------------------------
 
@@ -238,18 +247,34 @@ class _Turn:
         event = NewEvent(
             EventType.TOOL_CALL, {"tool": tool, "arguments": arguments, "call_id": call_id}
         )
+        self.tools_since_checkpoint = True
+        self.tools_running += 1
         await self.flush(event)
 
-    async def tool_finished(self, *, call_id: str, tool: str, output: str) -> None:
-        """Commit the tool's result."""
+    async def tool_finished(
+        self, *, call_id: str, tool: str, output: str, stopped: bool = False
+    ) -> None:
+        """Commit the tool's result: at once if it stopped or other tools still run, else with
+        the checkpoint that follows the tools (before the model is asked again)."""
         event = NewEvent(
             EventType.TOOL_RESULT, {"tool": tool, "output": output, "call_id": call_id}
         )
-        await self.flush(event)
+        self.tools_running -= 1
+        if stopped or self.tools_running:
+            await self.flush(event)
+        else:
+            self.pending.append(event)
 
     async def checkpoint(self, history: list[Any]) -> None:
-        """Store the history (and the events before it) so a retry continues from here."""
-        await self._write([], values={"history": history}, checkpoint=True)
+        """Store the history (and the events before it) so a retry continues from here.
+
+        With no tool call since the last stored checkpoint, a retry from the older one repeats
+        nothing but model calls: this one then goes with the next batch, a transaction fewer.
+        """
+        if self.tools_since_checkpoint:
+            await self._write([], values={"history": history}, checkpoint=True)
+        else:
+            self.deferred_checkpoint = (history, len(self.pending))
 
     # -- the turn -------------------------------------------------------------------------
 
@@ -277,17 +302,6 @@ class _Turn:
 
     async def carry_out(self) -> None:
         """Run the turn to a pause, an answer or a failure."""
-        async with self.deps.uow_factory(write=False) as uow:
-            context = await uow.runs.turn_context(
-                self.run_id, session_id=self.claimed.run.session_id
-            )
-            interrupted = await self._interrupted_tool_calls(uow)
-            approvals = await uow.approvals.for_run(self.run_id) if self.claimed.history else []
-            if self.claimed.last_seq:
-                self.earlier_text = assistant_text(
-                    await uow.runs.text_events(self.run_id),
-                    resumed_from=self.claimed.checkpoint_seq,
-                )
         # Written with the first checkpoint or batch, one transaction fewer per turn.
         self.pending.append(
             NewEvent(
@@ -295,11 +309,11 @@ class _Turn:
                 {"attempt": self.lease.attempt, "resumed_from_seq": self.claimed.checkpoint_seq},
             )
         )
-        if interrupted:
-            await self._fail(interrupted)
+        if self.start.interrupted:
+            await self._fail(self.start.interrupted)
             return
         try:
-            request = await self._request(context, approvals)
+            request = await self._request(self.start.context, self.start.approvals)
             outcome = await run_turn(request, self)
         except LeaseLost:
             raise
@@ -317,7 +331,7 @@ class _Turn:
         else:
             await self._finish(outcome)
 
-    async def _request(self, context: TurnContext, approvals: list[Approval]) -> TurnRequest:
+    async def _request(self, context: TurnContext, approvals: tuple[Approval, ...]) -> TurnRequest:
         options = self.executor.options
         history = self.claimed.history
         answers: dict[str, Answer] = {}
@@ -338,28 +352,6 @@ class _Turn:
             prompt=prompt,
             answers=answers,
         )
-
-    async def _interrupted_tool_calls(self, uow: UnitOfWork) -> str | None:
-        """Why the run must not be retried, if an earlier attempt left a tool call unsaved."""
-        if self.claimed.last_seq <= self.claimed.checkpoint_seq:
-            return None
-        events = await uow.runs.tool_calls_after(self.run_id, after_seq=self.claimed.checkpoint_seq)
-        finished = {
-            event.data.get("call_id") for event in events if event.type is EventType.TOOL_RESULT
-        }
-        for event in events:
-            if event.type is EventType.TOOL_CALL:
-                tool = event.data.get("tool")
-                if event.data.get("call_id") in finished:
-                    return (
-                        f"the server stopped after the tool {tool} ran but before the run saved "
-                        "its progress; it was not run again"
-                    )
-                return (
-                    f"the server stopped while the tool {tool} was running; its outcome is "
-                    "unknown and it was not run again"
-                )
-        return None
 
     async def _pause(self, outcome: TurnOutcome) -> None:
         now = self.deps.clock.now()
@@ -393,36 +385,35 @@ class _Turn:
                         },
                     )
                 )
-            await self._append(
+            written = [*self._take_pending(), *events]
+            stored = await self._append(
                 uow,
-                [*self._take_pending(), *events],
+                written,
                 values={
                     "status": RunStatus.AWAITING_APPROVAL.value,
                     "history": outcome.history,
                     "owner": None,
                     "lease_expires_at": None,
                 },
-                checkpoint=True,
+                checkpoint_after=len(written),
             )
             await uow.commit()
-        self.deps.broker.run_changed(self.run_id)
+        self.deps.broker.run_changed(self.run_id, stored)
 
     async def _finish(self, outcome: TurnOutcome) -> None:
         now = self.deps.clock.now()
         async with self.lock, self.deps.uow_factory() as uow:
             pending = self._take_pending()
-            content = self.earlier_text + (outcome.reply or "")
-            message = Message(
-                id=MessageId(self.deps.new_id()),
+            content = self.start.earlier_text + (outcome.reply or "")
+            message = await uow.messages.add_next(
+                message_id=MessageId(self.deps.new_id()),
                 session_id=self.claimed.run.session_id,
-                seq=await uow.messages.next_seq(self.claimed.run.session_id),
                 role=MessageRole.ASSISTANT,
                 content=content,
                 run_id=self.run_id,
-                created_at=now,
+                at=now,
             )
-            await uow.messages.add(message)
-            await self._append(
+            stored = await self._append(
                 uow,
                 [
                     *pending,
@@ -441,12 +432,12 @@ class _Turn:
                 },
             )
             await uow.commit()
-        self.deps.broker.run_changed(self.run_id)
+        self.deps.broker.run_changed(self.run_id, stored)
 
     async def _fail(self, reason: str) -> None:
         now = self.deps.clock.now()
         async with self.lock, self.deps.uow_factory() as uow:
-            await self._append(
+            stored = await self._append(
                 uow,
                 [*self._take_pending(), NewEvent(EventType.RUN_FAILED, {"reason": reason})],
                 values={
@@ -459,7 +450,7 @@ class _Turn:
             )
             await uow.approvals.expire_pending_of_run(self.run_id, reason="the run failed", at=now)
             await uow.commit()
-        self.deps.broker.run_changed(self.run_id)
+        self.deps.broker.run_changed(self.run_id, stored)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -482,14 +473,23 @@ class _Turn:
         self, extra: list[NewEvent], *, values: JSONObject | None = None, checkpoint: bool = False
     ) -> None:
         async with self.lock:
+            deferred = self.deferred_checkpoint
             events = [*self._take_pending(), *extra]
             if not events and not values:
                 return
+            checkpoint_after = len(events) if checkpoint else None
+            if deferred is not None and not checkpoint:
+                values = {**(values or {}), "history": deferred[0]}
+                checkpoint_after = deferred[1]
             async with self.deps.uow_factory() as uow:
-                await self._append(uow, events, values=values, checkpoint=checkpoint)
+                stored = await self._append(
+                    uow, events, values=values, checkpoint_after=checkpoint_after
+                )
                 await uow.commit()
+            if checkpoint_after is not None:
+                self.tools_since_checkpoint = False
             self.last_flush = time.monotonic()
-        self.deps.broker.run_changed(self.run_id)
+        self.deps.broker.run_changed(self.run_id, stored)
 
     async def _append(
         self,
@@ -497,23 +497,80 @@ class _Turn:
         events: list[NewEvent],
         *,
         values: JSONObject | None = None,
-        checkpoint: bool = False,
-    ) -> None:
-        await uow.runs.append(
+        checkpoint_after: int | None = None,
+    ) -> list[RunEvent]:
+        return await uow.runs.append(
             self.run_id,
             events,
             at=self.deps.clock.now(),
             lease=self.lease,
             values=values,
-            checkpoint=checkpoint,
+            checkpoint_after=checkpoint_after,
         )
 
     def _take_pending(self) -> list[NewEvent]:
         pending, self.pending, self.pending_deltas = self.pending, [], 0
+        self.deferred_checkpoint = None
         if self.flush_task is not None and self.flush_task is not asyncio.current_task():
             self.flush_task.cancel()
             self.flush_task = None
         return pending
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """What a claimed attempt starts from, read in the transaction that claimed it."""
+
+    context: TurnContext
+    interrupted: str | None = None
+    """Why the run must not be retried, if an earlier attempt left a tool call unsaved."""
+    approvals: tuple[Approval, ...] = ()
+    """The run's decided approvals (a run resumed after a decision)."""
+    earlier_text: str = ""
+    """The reply text earlier attempts streamed before this attempt's starting point."""
+
+
+async def _read_start(uow: UnitOfWork, claimed: ClaimedRun) -> _Start:
+    run = claimed.run
+    context = await uow.runs.turn_context(run.id, session_id=run.session_id)
+    if claimed.history is None and not claimed.last_seq:
+        return _Start(context)  # a new run: nothing before it
+    # Resumed after an approval, or retried: what the earlier attempts left.
+    approvals = await uow.approvals.for_run(run.id) if claimed.history else []
+    earlier_text = (
+        assistant_text(await uow.runs.text_events(run.id), resumed_from=claimed.checkpoint_seq)
+        if claimed.last_seq
+        else ""
+    )
+    return _Start(
+        context,
+        interrupted=await _interrupted_tool_calls(uow, claimed),
+        approvals=tuple(approvals),
+        earlier_text=earlier_text,
+    )
+
+
+async def _interrupted_tool_calls(uow: UnitOfWork, claimed: ClaimedRun) -> str | None:
+    """Why the run must not be retried, if an earlier attempt left a tool call unsaved."""
+    if claimed.last_seq <= claimed.checkpoint_seq:
+        return None
+    events = await uow.runs.tool_calls_after(claimed.run.id, after_seq=claimed.checkpoint_seq)
+    finished = {
+        event.data.get("call_id") for event in events if event.type is EventType.TOOL_RESULT
+    }
+    for event in events:
+        if event.type is EventType.TOOL_CALL:
+            tool = event.data.get("tool")
+            if event.data.get("call_id") in finished:
+                return (
+                    f"the server stopped after the tool {tool} ran but before the run saved "
+                    "its progress; it was not run again"
+                )
+            return (
+                f"the server stopped while the tool {tool} was running; its outcome is "
+                "unknown and it was not run again"
+            )
+    return None
 
 
 def _answer(approval: Approval) -> Answer:

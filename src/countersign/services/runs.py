@@ -39,6 +39,8 @@ class StartedRun:
 
     message: Message
     run: Run
+    replayed: bool = False
+    """An earlier request's start, answered again for the same Idempotency-Key."""
 
 
 async def start_run(
@@ -90,7 +92,8 @@ async def _start_run(
         session = await uow.sessions.get_owned(session_id, owner=actor)
         if session is None:
             raise NotFound(SESSION_NOT_FOUND)
-        await _refuse_if_active(uow, session.id)
+        # No look for an active run first: the unique index on a session's active run
+        # refuses the insert (Conflict), and start_run then says which run is active.
         now = deps.clock.now()
         run = Run(
             id=RunId(deps.new_id()),
@@ -102,16 +105,14 @@ async def _start_run(
             finished_at=None,
         )
         await uow.runs.add(run, at=now)
-        message = Message(
-            id=MessageId(deps.new_id()),
+        message = await uow.messages.add_next(
+            message_id=MessageId(deps.new_id()),
             session_id=session.id,
-            seq=await uow.messages.next_seq(session.id),
             role=MessageRole.USER,
             content=content,
             run_id=run.id,
-            created_at=now,
+            at=now,
         )
-        await uow.messages.add(message)
         started = StartedRun(message=message, run=run)
         if idempotency is not None:
             await remember_response(
@@ -239,4 +240,5 @@ def started_from_json(data: JSONObject) -> StartedRun:
             created_at=datetime.fromisoformat(run["created_at"]),
             finished_at=None,
         ),
+        replayed=True,
     )

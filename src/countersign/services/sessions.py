@@ -27,7 +27,7 @@ from countersign.domain.models import (
     decode_cursor,
     encode_cursor,
 )
-from countersign.services import ServiceDeps
+from countersign.services import ServiceDeps, uuid_cursor
 from countersign.services.idempotency import IdempotentRequest, remember_response, stored_response
 
 T = TypeVar("T")
@@ -104,7 +104,7 @@ async def list_sessions(
     deps: ServiceDeps, *, actor: UserId, cursor: str | None, limit: int
 ) -> Page[Session]:
     """The actor's sessions, newest first, one page at a time."""
-    before = _uuid_cursor(cursor)
+    before = uuid_cursor(cursor)
     async with deps.uow_factory(write=False) as uow:
         sessions = await uow.sessions.list_owned(owner=actor, before=before, limit=limit + 1)
     return _page(sessions, limit, lambda session: str(session.id))
@@ -155,7 +155,7 @@ async def list_pending_approvals(
     deps: ServiceDeps, *, actor: UserId, session_id: SessionId, cursor: str | None, limit: int
 ) -> Page[Approval]:
     """The session's tool calls that wait for a decision, oldest first (maybe none)."""
-    after = _uuid_cursor(cursor)
+    after = uuid_cursor(cursor)
     async with deps.uow_factory(write=False) as uow:
         await _owned(uow, session_id, actor)
         approvals = await uow.approvals.list_pending(
@@ -195,15 +195,6 @@ async def _owned(uow: UnitOfWork, session_id: SessionId, actor: UserId) -> Sessi
     if session is None:
         raise NotFound(SESSION_NOT_FOUND)
     return session
-
-
-def _uuid_cursor(cursor: str | None) -> uuid.UUID | None:
-    if cursor is None:
-        return None
-    try:
-        return uuid.UUID(decode_cursor(cursor))
-    except ValueError:
-        raise InvalidInput("cursor is not valid; use next_cursor from a previous page") from None
 
 
 SEQ_MAX = 2**31 - 1

@@ -89,7 +89,9 @@ async def send_message(
         idempotency=request,
     )
     if accept is not None and "text/event-stream" in accept:
-        stream: EventSourceResponse = run_event_stream(services, started.run.id)
+        stream: EventSourceResponse = run_event_stream(
+            services, started.run.id, new_run=not started.replayed
+        )
         return stream
     out = RunStartedOut(
         message=MessageOut.model_validate(started.message),
