@@ -582,7 +582,7 @@ async def test_cookie_logout_needs_csrf_and_then_ends_the_session(
 # --- rate limits -----------------------------------------------------------------------------
 
 
-def _retry_after(response: httpx.Response) -> int:
+def retry_after(response: httpx.Response) -> int:
     assert_error(response, 429, "rate_limited")
     value = int(response.headers["retry-after"])
     assert 1 <= value <= 60
@@ -605,7 +605,7 @@ async def test_logins_are_limited_per_client_address(
             assert wrong.status_code == 401
         await login(http, email)  # the third attempt of this address, and a good one
         over = await http.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD})
-        _retry_after(over)
+        retry_after(over)
         # Another address is not affected.
         async with client_for(app, "10.1.2.3") as elsewhere:
             await login(elsewhere, email)
@@ -634,7 +634,7 @@ async def test_failed_logins_are_limited_per_email_from_any_address(
         locked = await http.post(
             "/api/v1/auth/login", json={"email": victim.upper(), "password": PASSWORD}
         )
-        _retry_after(locked)
+        retry_after(locked)
         await login(http, other)
 
 
@@ -645,7 +645,7 @@ async def test_registrations_are_limited(database: TestDatabase, tmp_path: Path)
         over = await http.post(
             "/api/v1/auth/register", json={"email": new_email(), "password": PASSWORD}
         )
-        _retry_after(over)
+        retry_after(over)
         # Per email too: the same address tried from two other clients.
         email = new_email()
         async with client_for(app, "10.0.0.7") as one, client_for(app, "10.0.0.8") as two:
@@ -658,7 +658,7 @@ async def test_registrations_are_limited(database: TestDatabase, tmp_path: Path)
                 over = await three.post(
                     "/api/v1/auth/register", json={"email": email, "password": PASSWORD}
                 )
-                _retry_after(over)
+                retry_after(over)
 
 
 # --- audit -----------------------------------------------------------------------------------

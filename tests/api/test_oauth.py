@@ -26,7 +26,15 @@ from sqlalchemy import func, select, table, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from countersign.config import normalise_database_url
-from tests.api.test_auth import PASSWORD, client_for, new_email, register, serve, set_cookies
+from tests.api.test_auth import (
+    PASSWORD,
+    client_for,
+    new_email,
+    register,
+    retry_after,
+    serve,
+    set_cookies,
+)
 from tests.api.test_errors import assert_error
 from tests.support.databases import TestDatabase
 from tests.support.fake_idp import FakeIdP, FakeUser, s256
@@ -751,3 +759,24 @@ async def test_oauth_logins_are_audited_without_secrets(
         text_of_record = record.getMessage() + " " + repr(vars(record))
         for secret in secrets:
             assert secret not in text_of_record, (record.name, record.getMessage())
+
+
+async def test_provider_logins_share_the_login_limit_per_client_address(
+    database: TestDatabase, tmp_path: Path, idp: FakeIdP
+) -> None:
+    """Callbacks count against the client's login budget: over it, 429 with Retry-After, and
+    the provider's code is not even redeemed (no row written)."""
+    async with serve_oauth(database, tmp_path, idp, login_rate_limit="2/minute") as (_, browser):
+        for _ in range(2):
+            idp.user = FakeUser(email=new_email())
+            logged_in(await log_in(browser, "corp"))
+        idp.user = FakeUser(email=new_email())
+        before = await row_counts(database)
+        tokens_asked = len(idp.token_requests)
+
+        response = await log_in(browser, "corp")
+
+        retry_after(response)
+        assert SESSION not in set_cookies(response)
+        assert await row_counts(database) == before
+        assert len(idp.token_requests) == tokens_asked

@@ -1,10 +1,11 @@
 """Rate limits on logins and registrations: moving windows counted in this process's memory.
 
-Login attempts count per client address; failed logins count per account email, so that
-guessing one account's password from many addresses is slow too. Registrations count per
-client address and per email. Over a limit the answer is 429 ``rate_limited`` with
-``Retry-After``. Each server process counts on its own (the database stays out of an attack's
-hot path), so several processes allow that many times the configured rate.
+Login attempts (with a password, or a provider's callback) count per client address; failed
+logins count per account email, so that guessing one account's password from many addresses
+is slow too. Registrations count per client address and per email. Over a limit the answer
+is 429 ``rate_limited`` with ``Retry-After``. Each server process counts on its own (the
+database stays out of an attack's hot path), so several processes allow that many times the
+configured rate.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class RateLimits:
         """Count a login attempt; RateLimited if the client or the email is over its limit."""
         # The email's failures are only looked at here: a correct password costs nothing.
         await self._check(self._login_failures, "login-failures", _email_key(email))
+        await self._hit(self._login, "login", client)
+
+    async def provider_login_attempt(self, *, client: str) -> None:
+        """Count a login through an OAuth/OIDC provider (its callback) against the client's
+        login budget; RateLimited if the client is over it."""
         await self._hit(self._login, "login", client)
 
     async def login_failed(self, *, email: str) -> None:

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import RedirectResponse
 
 from countersign.api.cookies import set_login_cookies
-from countersign.api.deps import Services
+from countersign.api.deps import RateLimiting, Services
 from countersign.api.oauth import (
     NEXT_MAX_LENGTH,
     OAUTH_PREFIX,
@@ -23,6 +23,7 @@ from countersign.api.oauth import (
     ProviderClient,
     safe_next_path,
 )
+from countersign.api.ratelimit import client_address
 from countersign.api.schemas import ErrorBody
 from countersign.config import Settings
 from countersign.domain.errors import OAuthFailed, ProviderUnavailable
@@ -99,13 +100,19 @@ async def oauth_login(
         **PROVIDER_ERRORS,
         303: {"description": "Logged in (cookies set); to `/` or the `next` path"},
         400: {"model": ErrorBody, "description": "The login failed; the message says why"},
+        429: {"model": ErrorBody, "description": "Too many logins from this address"},
     },
 )
 async def oauth_callback(
-    provider: str, request: Request, providers: Providers, services: Services
+    provider: str,
+    request: Request,
+    providers: Providers,
+    services: Services,
+    rate_limits: RateLimiting,
 ) -> RedirectResponse:
     """Where the provider sends the browser back: check everything, log in, redirect."""
     client = providers.get(provider)
+    await rate_limits.provider_login_attempt(client=client_address(request))
     try:
         profile, next_path = await client.finish(request)
         login = await identities.log_in_with_provider(services, profile=profile)
