@@ -7,6 +7,7 @@ a traceback (``tests.support.cli.countersign`` and ``serving`` check that).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -24,7 +25,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from countersign.config import normalise_database_url
 from countersign.db import migrations
 from tests.support.cli import Call, cli_env, countersign, countersign_all
 from tests.support.databases import TestDatabase
@@ -303,6 +307,8 @@ def test_user_and_api_key_that_works(database: TestDatabase, tmp_path: Path) -> 
             rf"Created user {re.escape(email)} \([0-9a-f-]{{36}}\)\.\n", created.stdout
         )
         assert PASSWORD not in created.stdout + created.stderr
+        # The operator vouches for the address: a provider login with it may link here.
+        assert asyncio.run(email_verified(database.url, email)) is True
 
         # Both need the user; neither needs the other.
         again, made = countersign_all(
@@ -333,6 +339,18 @@ def test_user_and_api_key_that_works(database: TestDatabase, tmp_path: Path) -> 
             assert me.json()["email"] == email
             wrong = http.get("/api/v1/me", headers={"Authorization": f"Bearer {key}x"})
             assert wrong.status_code == 401
+
+
+async def email_verified(database_url: str, email: str) -> bool:
+    engine = create_async_engine(normalise_database_url(database_url))
+    try:
+        async with engine.connect() as connection:
+            found = await connection.execute(
+                text("SELECT email_verified FROM users WHERE email = :email"), {"email": email}
+            )
+            return bool(found.scalar_one())
+    finally:
+        await engine.dispose()
 
 
 @dataclass(frozen=True)

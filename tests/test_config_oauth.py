@@ -158,6 +158,11 @@ BAD = [
         "has the provider name 'Google Login'",
         id="bad-name",
     ),
+    pytest.param(
+        {"corp_x": {"kind": "google", "client_id": "g", "client_secret": SECRET}},
+        "has the provider name 'corp_x'",
+        id="underscore-in-name",
+    ),
 ]
 
 

@@ -42,7 +42,7 @@ from countersign.api.routes import (
     sessions,
 )
 from countersign.broker import LocalBroker, PostgresBroker
-from countersign.config import Settings
+from countersign.config import Profile, Settings
 from countersign.db.doctor import readiness, startup_gate
 from countersign.db.engine import create_engine, create_session_factory, pool_status
 from countersign.db.uow import unit_of_work_factory
@@ -104,7 +104,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.metrics = metrics
     app.state.rate_limits = RateLimits(settings)
-    app.state.oauth_providers = OAuthProviders(settings.oauth_providers)
+    app.state.oauth_providers = OAuthProviders(
+        settings.oauth_providers, require_https=settings.profile is Profile.PROD
+    )
     install_error_handlers(app)
     for router in (
         auth.router,

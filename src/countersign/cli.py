@@ -260,7 +260,10 @@ def user_create(
 
         async with _services(settings) as services:
             try:
-                user = await create_user(services, email=email, password=password)
+                # The operator vouches for the address (a provider login may link to it).
+                user = await create_user(
+                    services, email=email, password=password, email_verified=True
+                )
             except AlreadyExists:
                 raise AlreadyExists(
                     f"a user with the email {email.strip()} already exists"

@@ -106,8 +106,10 @@ _PRESETS: dict[OAuthProviderKind, dict[str, Any]] = {
 """The fields each kind uses, with their defaults (None: the operator must give a value)."""
 
 _PROVIDER_URLS = ("discovery_url", "authorize_url", "token_url", "api_url")
-PROVIDER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-"""A provider's name: it appears in URLs and identifies its accounts (``identities.provider``)."""
+PROVIDER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+"""A provider's name: it appears in URLs and identifies its accounts (``identities.provider``).
+No ``_``: the OAuth client keeps a login in progress under ``_state_<name>_<state>``, so a name
+with ``_`` could read another provider's login."""
 
 
 class OAuthProvider(BaseModel):
@@ -325,7 +327,7 @@ class Settings(BaseSettings):
             if PROVIDER_NAME.fullmatch(name) is None:
                 raise ValueError(
                     f"has the provider name {name!r}; a name is 1 to 32 lower-case letters, "
-                    "digits, - or _, starting with a letter or digit"
+                    "digits or -, starting with a letter or digit"
                 )
         return value
 
@@ -335,7 +337,7 @@ class Settings(BaseSettings):
             return self
         for name, provider in self.oauth_providers.items():
             for field, url in provider.urls().items():
-                if urlsplit(url).scheme != "https" and not _is_loopback(url):
+                if urlsplit(url).scheme != "https" and not is_loopback_url(url):
                     raise ValueError(
                         f"{ENV_PREFIX}OAUTH_PROVIDERS has an http {field} for {name!r}, and "
                         "the prod profile needs https (except on this machine)"
@@ -380,7 +382,8 @@ def _is_http_url(value: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-def _is_loopback(url: str) -> bool:
+def is_loopback_url(url: str) -> bool:
+    """Whether a URL points at this machine (plain http is acceptable there, even in prod)."""
     host = urlsplit(url).hostname or ""
     if host == "localhost":
         return True

@@ -26,6 +26,7 @@ from sqlalchemy import func, select, table, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from countersign.config import normalise_database_url
+from countersign.services.accounts import create_user
 from tests.api.test_auth import (
     PASSWORD,
     client_for,
@@ -281,28 +282,74 @@ async def client_for_token(browser: httpx.AsyncClient, token: str) -> dict[str, 
     return body
 
 
-async def test_a_verified_email_links_to_the_existing_password_user(
+async def test_a_verified_email_links_to_the_existing_operator_made_user(
+    database: TestDatabase, tmp_path: Path, idp: FakeIdP
+) -> None:
+    """The provider's verified email, in another case, is the email of an account an operator
+    made (so the address is vouched for): the identity is linked to that user, no user is
+    made, and the password keeps working."""
+    email = new_email()
+    async with serve_oauth(database, tmp_path, idp) as (app, browser):
+        made = await create_user(
+            app.state.services, email=email, password=PASSWORD, email_verified=True
+        )
+        idp.user = FakeUser(email=f"  {email.upper()} ", email_verified=True)
+        before = await row_counts(database)
+
+        logged_in(await log_in(browser, "corp"))
+        assert (await me(browser))["id"] == str(made.id)
+        assert grew(before, await row_counts(database)) == {
+            "users": 0,
+            "identities": 1,
+            "access_tokens": 1,
+        }
+        assert (await identity(database, "corp", idp.user.subject))["user_id"] == str(made.id)
+        password_login = await browser.post(
+            "/api/v1/auth/login", json={"email": email, "password": PASSWORD}
+        )
+        assert password_login.status_code == 200, password_login.text
+
+
+async def test_a_self_registered_email_is_never_linked(
     browser: httpx.AsyncClient, idp: FakeIdP, database: TestDatabase
 ) -> None:
-    """The provider's verified email, in another case, is an existing account's: the identity
-    is linked to that user, no user is made, and the password keeps working."""
+    """Registration checks no email: someone may register another person's address and wait
+    for them to sign in with a provider. That login is refused (400), nothing is written, and
+    the registered account is not reachable through the provider."""
     email = new_email()
-    registered = await register(browser, email)
-    idp.user = FakeUser(email=f"  {email.upper()} ", email_verified=True)
+    await register(browser, email)
+    idp.user = FakeUser(email=email, email_verified=True)
     before = await row_counts(database)
 
-    logged_in(await log_in(browser, "corp"))
-    assert await me(browser) == registered
-    assert grew(before, await row_counts(database)) == {
-        "users": 0,
-        "identities": 1,
-        "access_tokens": 1,
-    }
-    assert (await identity(database, "corp", idp.user.subject))["user_id"] == registered["id"]
-    password_login = await browser.post(
-        "/api/v1/auth/login", json={"email": email, "password": PASSWORD}
-    )
-    assert password_login.status_code == 200, password_login.text
+    response = await log_in(browser, "corp")
+
+    error = assert_error(response, 400, "oauth_failed")
+    assert "never verified" in error["message"]
+    assert SESSION not in set_cookies(response)
+    assert await row_counts(database) == before
+    assert_error(await browser.get("/api/v1/me"), 401, "unauthenticated")
+
+
+async def test_an_account_linked_to_another_subject_of_the_provider_is_not_linked_again(
+    database: TestDatabase, tmp_path: Path, idp: FakeIdP
+) -> None:
+    """The address moved to another account at the provider: the second subject does not get
+    into the first one's account."""
+    email = new_email()
+    async with serve_oauth(database, tmp_path, idp) as (_app, browser):
+        idp.user = FakeUser(email=email, email_verified=True)
+        logged_in(await log_in(browser, "corp"))
+        first = await me(browser)
+        browser.cookies.clear()
+        idp.user = FakeUser(email=email, email_verified=True)  # a new subject
+        before = await row_counts(database)
+
+        response = await log_in(browser, "corp")
+
+        error = assert_error(response, 400, "oauth_failed")
+        assert "another corp account" in error["message"]
+        assert await row_counts(database) == before
+        assert first["email"] == email
 
 
 async def test_an_unverified_email_does_not_link(
@@ -780,3 +827,41 @@ async def test_provider_logins_share_the_login_limit_per_client_address(
         assert SESSION not in set_cookies(response)
         assert await row_counts(database) == before
         assert len(idp.token_requests) == tokens_asked
+
+
+@pytest.mark.parametrize("broken", [{"error": "down"}, ["not", "a", "key", "set"], {"keys": []}])
+async def test_a_broken_key_set_fails_the_login_cleanly_and_is_fetched_again(
+    browser: httpx.AsyncClient, idp: FakeIdP, database: TestDatabase, broken: Any
+) -> None:
+    """A provider whose JWKS is not a usable key set: 400 and nothing written, never a 500;
+    once the provider serves its keys again, the next login works (no stale cache)."""
+    idp.jwks_override = broken
+    idp.user = FakeUser(email=new_email())
+    before = await row_counts(database)
+
+    response = await log_in(browser, "corp")
+
+    assert_error(response, 400, "oauth_failed")
+    assert await row_counts(database) == before
+    idp.jwks_override = None
+    logged_in(await log_in(browser, "corp"))
+
+
+async def test_in_prod_a_discovery_document_with_plain_http_endpoints_is_refused(
+    database: TestDatabase, tmp_path: Path, idp: FakeIdP
+) -> None:
+    """The configured URLs are checked at start; what discovery names is checked here: a
+    token endpoint on plain http elsewhere would carry the client secret and the code in the
+    clear. In dev the same document is accepted (local providers)."""
+    idp.discovery_overrides = {"token_endpoint": "http://idp.example.test/token"}
+    async with serve_oauth(database, tmp_path, idp, profile="prod", secret_key="k" * 40) as (
+        _app,
+        browser,
+    ):
+        response = await browser.get(f"{OAUTH}/corp/login")
+        error = assert_error(response, 502, "provider_unavailable")
+        assert "token_endpoint" in error["message"]
+        assert "https" in error["message"]
+        assert idp.authorize_requests == []
+    async with serve_oauth(database, tmp_path, idp) as (_app, browser):
+        assert (await browser.get(f"{OAUTH}/corp/login")).status_code == 302

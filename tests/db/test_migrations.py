@@ -11,7 +11,19 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
-from sqlalchemy import Connection, delete, func, insert, inspect, select
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    String,
+    Uuid,
+    delete,
+    func,
+    insert,
+    inspect,
+    select,
+)
+from sqlalchemy import column as sa_column
+from sqlalchemy import table as sa_table
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -139,9 +151,17 @@ async def test_0003_keeps_every_row_and_guards_its_downgrade(empty_database: Tes
     engine = create_async_engine(normalise_database_url(empty_database.url))
     try:
         await migrations.upgrade(engine, "0002")
+        # users as revision 0002 has it (the model has grown columns since).
+        users_0002 = sa_table(
+            "users",
+            sa_column("id", Uuid()),
+            sa_column("email", String()),
+            sa_column("password_hash", String()),
+            sa_column("created_at", DateTime(timezone=True)),
+        )
         async with engine.begin() as connection:
             await connection.execute(
-                insert(users).values(
+                insert(users_0002).values(
                     id=user_id, email="kept@example.test", password_hash="h", created_at=now
                 )
             )
@@ -175,9 +195,10 @@ async def test_0003_keeps_every_row_and_guards_its_downgrade(empty_database: Tes
                     insert(users).values(id=uuid.uuid4(), email="kept@example.test", created_at=now)
                 )
 
+        await migrations.downgrade(engine, "0003")  # the revisions after it first
         with pytest.raises(CommandError, match="2 user"):
             await migrations.downgrade(engine, "0002")
-        assert await migrations.current_revision(engine) == migrations.head_revision()
+        assert await migrations.current_revision(engine) == "0003"
         async with engine.begin() as connection:
             await connection.execute(delete(users).where(users.c.email.is_(None)))
         await migrations.downgrade(engine, "0002")

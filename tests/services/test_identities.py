@@ -57,7 +57,9 @@ async def test_a_verified_email_links_and_an_unverified_one_does_not(
     services: ServiceDeps,
 ) -> None:
     email = new_email()
-    user = await create_user(services, email=email, password="long enough password")
+    user = await create_user(
+        services, email=email, password="long enough password", email_verified=True
+    )
     unverified = await log_in_with_provider(services, profile=profile(email=email, verified=False))
     assert unverified.outcome is AccountOutcome.CREATED
     assert unverified.user.email is None
@@ -76,3 +78,26 @@ async def test_an_unusable_subject_is_refused(services: ServiceDeps, subject: st
     bad = ProviderProfile(provider="corp", subject=subject, email=None, email_verified=False)
     with pytest.raises(OAuthFailed):
         await log_in_with_provider(services, profile=bad)
+
+
+async def test_a_registered_unverified_email_is_not_linked(services: ServiceDeps) -> None:
+    email = new_email()
+    await create_user(services, email=email, password="long enough password")
+    with pytest.raises(OAuthFailed, match="never verified"):
+        await log_in_with_provider(services, profile=profile(email=email))
+    async with services.uow_factory(write=False) as uow:
+        user = await uow.users.get_by_email(email)
+        assert user is not None
+        assert await uow.identities.list_for_user(user.id) == []
+
+
+async def test_a_user_made_from_a_verified_email_can_be_linked_by_another_provider(
+    services: ServiceDeps,
+) -> None:
+    email = new_email()
+    first = await log_in_with_provider(services, profile=profile(email=email))
+    assert first.user.email_verified
+    other = ProviderProfile(provider="github", subject="g-1", email=email, email_verified=True)
+    second = await log_in_with_provider(services, profile=other)
+    assert second.outcome is AccountOutcome.LINKED
+    assert second.user.id == first.user.id

@@ -163,6 +163,10 @@ class FakeIdP:
         self.token_error: str | None = None
         self.id_token_fault: IdTokenFault | None = None
         self.api_status = 200
+        self.discovery_overrides: dict[str, Any] = {}
+        """Fields of the discovery document to answer differently (a misconfigured provider)."""
+        self.jwks_override: Any = None
+        """When set, what ``/jwks`` answers instead of the key set (a broken provider)."""
         self.authorize_requests: list[dict[str, str]] = []
         self.token_requests: list[TokenRequest] = []
         self.issued: list[str] = []
@@ -319,10 +323,13 @@ class FakeIdP:
                     "client_secret_basic",
                     "client_secret_post",
                 ],
+                **self.discovery_overrides,
             }
         )
 
     async def _jwks(self, request: Request) -> Response:
+        if self.jwks_override is not None:
+            return JSONResponse(self.jwks_override)
         key, _impostor = signing_keys()
         return JSONResponse({"keys": [key.as_dict(private=False)]})
 

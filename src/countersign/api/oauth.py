@@ -42,7 +42,13 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from countersign.api.routes import API_PREFIX
-from countersign.config import OAuthProvider, OAuthProviderKind, Profile, Settings
+from countersign.config import (
+    OAuthProvider,
+    OAuthProviderKind,
+    Profile,
+    Settings,
+    is_loopback_url,
+)
 from countersign.domain.errors import InvalidInput, NotFound, OAuthFailed, ProviderUnavailable
 from countersign.services.identities import ProviderProfile
 
@@ -144,8 +150,11 @@ def safe_next_path(value: str | None) -> str:
 class OAuthProviders:
     """The configured sign-in providers, by name."""
 
-    def __init__(self, providers: Mapping[str, OAuthProvider]) -> None:
-        self._clients = {name: ProviderClient(name, config) for name, config in providers.items()}
+    def __init__(self, providers: Mapping[str, OAuthProvider], *, require_https: bool) -> None:
+        self._clients = {
+            name: ProviderClient(name, config, require_https=require_https)
+            for name, config in providers.items()
+        }
 
     def get(self, name: str) -> ProviderClient:
         """The provider with this name; NotFound when none is configured."""
@@ -158,9 +167,11 @@ class OAuthProviders:
 class ProviderClient:
     """One provider: its settings and its Authlib client (which caches discovery and keys)."""
 
-    def __init__(self, name: str, config: OAuthProvider) -> None:
+    def __init__(self, name: str, config: OAuthProvider, *, require_https: bool) -> None:
         self.name = name
         self.config = config
+        self.require_https = require_https
+        """The prod profile: the endpoints a discovery document names must be https too."""
         client_kwargs: dict[str, Any] = {
             "code_challenge_method": "S256",
             "token_endpoint_auth_method": config.token_auth_method,
@@ -255,10 +266,24 @@ class ProviderClient:
             for key in [key for key in metadata if key not in _METADATA_KEYS]:
                 del metadata[key]
             algorithms = metadata.get("id_token_signing_alg_values_supported")
-            usable = [alg for alg in algorithms or () if alg in _SIGNING_ALGORITHMS]
+            listed = algorithms if isinstance(algorithms, list) else []
+            usable = [alg for alg in listed if alg in _SIGNING_ALGORITHMS]
             metadata["id_token_signing_alg_values_supported"] = usable or ["RS256"]
             needed = ("issuer", "authorization_endpoint", "token_endpoint", "jwks_uri")
             missing = [key for key in needed if not isinstance(metadata.get(key), str)]
+            plain = [
+                key
+                for key in (*needed[1:], "userinfo_endpoint")
+                if isinstance(metadata.get(key), str)
+                and urlsplit(metadata[key]).scheme != "https"
+                and not is_loopback_url(metadata[key])
+            ]
+            if self.require_https and plain and not missing:
+                self._app.server_metadata.clear()
+                raise ProviderUnavailable(
+                    f"the OpenID configuration of {self.label} names plain-http endpoints "
+                    f"({', '.join(plain)}); the prod profile needs https"
+                )
             if missing:
                 self._app.server_metadata.clear()  # look again at the next login
                 raise ProviderUnavailable(
@@ -297,7 +322,7 @@ class ProviderClient:
     async def _openid_profile(self, token: dict[str, Any], data: dict[str, Any]) -> ProviderProfile:
         metadata = await self._metadata()
         nonce = data.get("nonce")
-        if "id_token" not in token or not nonce:
+        if not isinstance(token.get("id_token"), str) or not nonce:
             raise OAuthFailed(f"{self.label} sent no ID token")
         issuers = (
             list(GOOGLE_ISSUERS)
@@ -316,10 +341,13 @@ class ProviderClient:
         except ExpiredTokenError:
             raise OAuthFailed(f"{what} has expired") from None
         except (BadSignatureError, InvalidKeyIdError):
+            # Fetch the keys again next time: the provider may have rotated or revoked some.
+            self._app.server_metadata.pop("jwks", None)
             raise OAuthFailed(f"{what} is not signed by the provider's keys") from None
         except ClaimError as exc:
             raise OAuthFailed(f"{what} has a wrong or missing {exc.claim!r} claim") from None
         except JoseError as exc:
+            self._app.server_metadata.pop("jwks", None)  # e.g. no usable key: fetch again
             raise OAuthFailed(f"{what} is not valid ({_plain(exc.error)})") from None
         except httpx2.HTTPStatusError as exc:
             raise OAuthFailed(
@@ -329,8 +357,10 @@ class ProviderClient:
             raise ProviderUnavailable(
                 f"could not reach the keys (JWKS) of {self.label}; try again later"
             ) from None
-        except ValueError:
-            raise OAuthFailed(f"{what} could not be read") from None
+        except (ValueError, KeyError, TypeError):
+            # E.g. a key set that is not one: read it again at the next login.
+            self._app.server_metadata.pop("jwks", None)
+            raise OAuthFailed(f"{what} could not be checked against the provider's keys") from None
         source = claims
         userinfo_url = metadata.get("userinfo_endpoint")
         if isinstance(userinfo_url, str):

@@ -108,6 +108,7 @@ class UserRepository:
                 id=user.id,
                 email=user.email,
                 password_hash=password_hash,
+                email_verified=user.email_verified,
                 created_at=user.created_at,
             )
         )
@@ -971,7 +972,12 @@ def _tools_json(tools: tuple[ToolSetting, ...]) -> list[Any]:
 
 
 def _user(row: UserRow) -> User:
-    return User(id=UserId(row.id), email=row.email, created_at=row.created_at)
+    return User(
+        id=UserId(row.id),
+        email=row.email,
+        created_at=row.created_at,
+        email_verified=row.email_verified,
+    )
 
 
 def _access_token(row: AccessTokenRow) -> AccessToken:

@@ -81,6 +81,9 @@ class UserRow(Base):
     email: Mapped[str | None] = mapped_column(String(320))
     """Stored normalised (lower case); unique. None for an account a provider made without one."""
     password_hash: Mapped[str | None] = mapped_column(String(255))
+    email_verified: Mapped[bool] = mapped_column(default=False)
+    """Whether the email is known to be the user's (an operator made the account, or a
+    provider verified it); only then may a provider login link to this account."""
     created_at: Mapped[datetime]
 
     __table_args__ = (UniqueConstraint("email"),)

@@ -122,6 +122,9 @@ class User:
     id: UserId
     email: str | None
     created_at: datetime
+    email_verified: bool = False
+    """Whether the email is known to be the user's: an operator made the account, or a
+    provider verified the address. A self-service registration's email is not."""
 
 
 @dataclass(frozen=True, slots=True)

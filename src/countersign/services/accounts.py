@@ -99,11 +99,21 @@ def check_password(password: str, *, email: str | None = None) -> None:
         raise InvalidInput("password must not be the email address")
 
 
-async def create_user(deps: ServiceDeps, *, email: str, password: str) -> User:
-    """Create a user with an argon2-hashed password; AlreadyExists if the email is taken."""
+async def create_user(
+    deps: ServiceDeps, *, email: str, password: str, email_verified: bool = False
+) -> User:
+    """Create a user with an argon2-hashed password; AlreadyExists if the email is taken.
+
+    ``email_verified``: the caller vouches for the email (an operator making the account).
+    """
     email = normalise_email(email)
     check_password(password, email=email)
-    user = User(id=UserId(deps.new_id()), email=email, created_at=deps.clock.now())
+    user = User(
+        id=UserId(deps.new_id()),
+        email=email,
+        created_at=deps.clock.now(),
+        email_verified=email_verified,
+    )
     # argon2 takes tens of milliseconds of CPU: keep it off the event loop.
     password_hash = await asyncio.to_thread(hash_password, password)
     async with deps.uow_factory() as uow:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from countersign.db.uow import UnitOfWork
 from countersign.domain.errors import Conflict, InvalidInput, OAuthFailed
 from countersign.domain.models import Identity, IdentityId, User, UserId, normalise_email
 from countersign.services import ServiceDeps
@@ -110,9 +111,16 @@ async def _find_or_link(
         user = None if verified_email is None else await uow.users.get_by_email(verified_email)
         outcome = AccountOutcome.LINKED
         if user is None:
-            user = User(id=UserId(deps.new_id()), email=verified_email, created_at=now)
+            user = User(
+                id=UserId(deps.new_id()),
+                email=verified_email,
+                created_at=now,
+                email_verified=verified_email is not None,
+            )
             await uow.users.add(user, password_hash=None)
             outcome = AccountOutcome.CREATED
+        else:
+            await _check_linkable(uow, user, profile)
         await identities.add(
             Identity(
                 id=IdentityId(deps.new_id()),
@@ -125,6 +133,27 @@ async def _find_or_link(
         )
         await uow.commit()
     return user, outcome
+
+
+async def _check_linkable(uow: UnitOfWork, user: User, profile: ProviderProfile) -> None:
+    """OAuthFailed unless a provider login may join ``user``, the owner of its verified email.
+
+    Someone could register the address first (registration checks no email) and wait for
+    its owner to sign in with a provider: so only an account whose email is verified links.
+    An account already linked to another subject of the same provider means the address
+    moved to someone else there: no link either.
+    """
+    if not user.email_verified:
+        raise OAuthFailed(
+            "an account with this email already exists, and its email was never verified; "
+            "log in with its password instead"
+        )
+    linked = await uow.identities.list_for_user(user.id)
+    if any(found.provider == profile.provider for found in linked):
+        raise OAuthFailed(
+            f"the account with this email is linked to another {profile.provider} account; "
+            "log in with that one"
+        )
 
 
 def _email(email: str | None) -> str | None:
