@@ -25,7 +25,6 @@ from countersign.domain.models import (
     Page,
     User,
     UserId,
-    encode_cursor,
     normalise_email,
 )
 from countersign.security import (
@@ -39,7 +38,7 @@ from countersign.security import (
     token_matches,
     verify_password,
 )
-from countersign.services import ServiceDeps, uuid_cursor
+from countersign.services import ServiceDeps, page_of, uuid_cursor
 
 PASSWORD_MIN_LENGTH = 10
 PASSWORD_MAX_LENGTH = 1024
@@ -288,10 +287,7 @@ async def list_api_keys(
     before = uuid_cursor(cursor)
     async with deps.uow_factory(write=False) as uow:
         keys = await uow.api_keys.list_owned(owner=actor, before=before, limit=limit + 1)
-    if len(keys) <= limit:
-        return Page(items=keys, next_cursor=None)
-    kept = keys[:limit]
-    return Page(items=kept, next_cursor=encode_cursor(str(kept[-1].id)))
+    return page_of(keys, limit, lambda key: str(key.id))
 
 
 async def delete_api_key(deps: ServiceDeps, *, actor: UserId, key_id: ApiKeyId) -> None:

@@ -28,10 +28,14 @@ from countersign.domain.models import (
     ToolPolicy,
     ToolSetting,
     UserId,
-    encode_cursor,
 )
-from countersign.services import ServiceDeps, uuid_cursor
-from countersign.services.idempotency import IdempotentRequest, remember_response, stored_response
+from countersign.services import ServiceDeps, page_of, uuid_cursor
+from countersign.services.idempotency import (
+    IdempotentRequest,
+    remember_response,
+    stored_response,
+    winner_response,
+)
 
 NAME_MAX_LENGTH = 100
 """The longest agent name (the width of the agents.name column)."""
@@ -105,11 +109,8 @@ async def create_agent(
     try:
         return await _add_agent(deps, agent, idempotency=idempotency)
     except Conflict:
-        if idempotency is None:
-            raise
-        # A concurrent request with the same key won the race; answer with its result.
-        async with deps.uow_factory(write=False) as uow:
-            response = await stored_response(uow, user_id=actor, request=idempotency)
+        # A concurrent request with the same key may have won the race: answer with its result.
+        response = await winner_response(deps, user_id=actor, request=idempotency)
         if response is None:
             raise
         return agent_from_json(response)
@@ -144,10 +145,7 @@ async def list_agents(
     before = uuid_cursor(cursor)
     async with deps.uow_factory(write=False) as uow:
         agents = await uow.agents.list_usable(by=actor, before=before, limit=limit + 1)
-    if len(agents) <= limit:
-        return Page(items=agents, next_cursor=None)
-    kept = agents[:limit]
-    return Page(items=kept, next_cursor=encode_cursor(str(kept[-1].id)))
+    return page_of(agents, limit, lambda agent: str(agent.id))
 
 
 async def get_agent(deps: ServiceDeps, *, actor: UserId, agent_id: AgentId) -> Agent:

@@ -71,3 +71,14 @@ async def remember_response(
         at=deps.clock.now(),
         new_id=deps.new_id(),
     )
+
+
+async def winner_response(
+    deps: ServiceDeps, *, user_id: UserId, request: IdempotentRequest | None
+) -> JSONObject | None:
+    """After a create failed with a Conflict: the response a concurrent request with the same
+    Idempotency-Key stored (it won the race), or None (no key, or the conflict was another)."""
+    if request is None:
+        return None
+    async with deps.uow_factory(write=False) as uow:
+        return await stored_response(uow, user_id=user_id, request=request)

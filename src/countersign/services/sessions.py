@@ -7,7 +7,6 @@ like a missing one.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from datetime import datetime
 from typing import TypeVar
 
@@ -25,10 +24,14 @@ from countersign.domain.models import (
     UserId,
     clean_title,
     decode_cursor,
-    encode_cursor,
 )
-from countersign.services import ServiceDeps, uuid_cursor
-from countersign.services.idempotency import IdempotentRequest, remember_response, stored_response
+from countersign.services import ServiceDeps, page_of, uuid_cursor
+from countersign.services.idempotency import (
+    IdempotentRequest,
+    remember_response,
+    stored_response,
+    winner_response,
+)
 
 T = TypeVar("T")
 
@@ -51,11 +54,8 @@ async def create_session(
             deps, actor=actor, agent_id=agent_id, title=title, idempotency=idempotency
         )
     except Conflict:
-        if idempotency is None:
-            raise
-        # A concurrent request with the same key won the race; answer with its result.
-        async with deps.uow_factory(write=False) as uow:
-            response = await stored_response(uow, user_id=actor, request=idempotency)
+        # A concurrent request with the same key may have won the race: answer with its result.
+        response = await winner_response(deps, user_id=actor, request=idempotency)
         if response is None:
             raise
         return session_from_json(response)
@@ -107,7 +107,7 @@ async def list_sessions(
     before = uuid_cursor(cursor)
     async with deps.uow_factory(write=False) as uow:
         sessions = await uow.sessions.list_owned(owner=actor, before=before, limit=limit + 1)
-    return _page(sessions, limit, lambda session: str(session.id))
+    return page_of(sessions, limit, lambda session: str(session.id))
 
 
 async def get_session(deps: ServiceDeps, *, actor: UserId, session_id: SessionId) -> Session:
@@ -148,7 +148,7 @@ async def list_messages(
     async with deps.uow_factory(write=False) as uow:
         await _owned(uow, session_id, actor)
         messages = await uow.messages.list(session_id, after_seq=after_seq, limit=limit + 1)
-    return _page(messages, limit, lambda message: str(message.seq))
+    return page_of(messages, limit, lambda message: str(message.seq))
 
 
 async def list_pending_approvals(
@@ -161,7 +161,7 @@ async def list_pending_approvals(
         approvals = await uow.approvals.list_pending(
             session_id, now=deps.clock.now(), after=after, limit=limit + 1
         )
-    return _page(approvals, limit, lambda approval: str(approval.id))
+    return page_of(approvals, limit, lambda approval: str(approval.id))
 
 
 def session_to_json(session: Session) -> JSONObject:
@@ -209,11 +209,3 @@ def _seq_cursor(cursor: str | None) -> int:
     if not (position.isascii() and position.isdigit()) or int(position) > SEQ_MAX:
         raise InvalidInput("cursor is not valid; use next_cursor from a previous page")
     return int(position)
-
-
-def _page(items: list[T], limit: int, position: Callable[[T], str]) -> Page[T]:
-    """The first ``limit`` items, with a cursor when one more item was found."""
-    if len(items) <= limit:
-        return Page(items=items, next_cursor=None)
-    kept = items[:limit]
-    return Page(items=kept, next_cursor=encode_cursor(position(kept[-1])))
