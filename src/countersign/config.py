@@ -255,10 +255,13 @@ class Settings(BaseSettings):
     """Run ``shell`` commands through ``/bin/sh -c`` (pipes, globs) instead of plain argv."""
     tool_output_max_chars: int = Field(default=16_000, ge=100, le=10_000_000)
 
-    executor_concurrency: int = Field(default=32, ge=1, le=1000)
-    """Runs one server process carries out at the same time."""
+    executor_concurrency: int = Field(default=256, ge=1, le=10_000)
+    """Runs one server process carries out at the same time (a run waiting on its model
+    holds one; their leases are renewed together, one statement per round)."""
     run_lease_seconds: float = Field(default=10.0, ge=1, le=600)
     """How long a run stays claimed without a heartbeat before another process may take it."""
+    run_max_attempts: int = Field(default=5, ge=1, le=100)
+    """A run is tried at most this many times (crashes, lost leases), then fails with a reason."""
     executor_poll_seconds: float = Field(default=1.0, gt=0, le=60)
     """How often the executor looks for work it was not told about (runs of dead processes)."""
     event_flush_seconds: float = Field(default=0.05, ge=0, le=10)

@@ -114,7 +114,7 @@ async def test_a_message_streams_the_demo_reply_word_by_word(
     started = await send(client, account, session_id, "hello there  world")
     assert started["message"]["role"] == "user"
     assert started["message"]["content"] == "hello there  world"
-    assert started["run"]["status"] == "queued"
+    assert started["run"]["status"] in ("queued", "running")
     run_id = started["run"]["id"]
 
     log = await events(client, account, session_id, run_id)
@@ -156,6 +156,26 @@ async def test_accept_event_stream_answers_with_the_runs_events(
     log = parse_sse(response.text)
     assert log[-1].event == "run.finished"
     assert "".join(e.data["text"] for e in log if e.event == "text.delta") == "You said: stream me"
+    # The run is named before the first event, so a broken stream can be resumed.
+    run_id = log[0].data["run_id"]
+    assert response.headers["location"] == f"/api/v1/sessions/{session_id}/runs/{run_id}"
+    run = await client.get(response.headers["location"], headers=account.headers)
+    assert run.json()["status"] == "succeeded"
+
+
+async def test_a_message_without_a_stream_names_its_run_in_location(
+    client: httpx.AsyncClient, make_account: MakeAccount
+) -> None:
+    account = await make_account()
+    session_id = await new_session(client, account)
+    response = await client.post(
+        f"/api/v1/sessions/{session_id}/messages",
+        json={"content": "later"},
+        headers=account.headers,
+    )
+    assert response.status_code == 202
+    run_id = response.json()["run"]["id"]
+    assert response.headers["location"] == f"/api/v1/sessions/{session_id}/runs/{run_id}"
 
 
 async def test_last_event_id_yields_exactly_the_missing_events(

@@ -12,8 +12,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
 from sqlalchemy import (
+    JSON,
     Connection,
     DateTime,
+    Integer,
     String,
     Uuid,
     delete,
@@ -41,6 +43,7 @@ TABLES = {
     "agents",
     "sessions",
     "messages",
+    "model_messages",
     "runs",
     "events",
     "approvals",
@@ -206,5 +209,124 @@ async def test_0003_keeps_every_row_and_guards_its_downgrade(empty_database: Tes
         async with engine.begin() as connection:
             for table in (users, api_keys, identities):
                 assert await connection.scalar(select(func.count()).select_from(table)) == 1
+    finally:
+        await engine.dispose()
+
+
+def _message(text: str) -> dict[str, Any]:
+    """A model message as pydantic-ai stores it (enough of one for the migration)."""
+    return {"kind": "request", "parts": [{"part_kind": "user-prompt", "content": text}]}
+
+
+async def test_0005_moves_histories_to_rows_and_back(empty_database: TestDatabase) -> None:
+    """Each session's history becomes its model messages, stored once: the newest succeeded
+    run's history, then what a run still going adds; older and failed runs' copies go. The
+    downgrade gives every run with a checkpoint its whole history back."""
+    users, agents, sessions = (
+        Base.metadata.tables[name] for name in ("users", "agents", "sessions")
+    )
+    runs_0004 = sa_table(
+        "runs",
+        sa_column("id", Uuid()),
+        sa_column("session_id", Uuid()),
+        sa_column("status", String()),
+        sa_column("attempt", Integer()),
+        sa_column("history", JSON()),
+        sa_column("last_seq", Integer()),
+        sa_column("checkpoint_seq", Integer()),
+        sa_column("created_at", DateTime(timezone=True)),
+        sa_column("updated_at", DateTime(timezone=True)),
+    )
+    runs_0005 = sa_table("runs", sa_column("id", Uuid()), sa_column("history_seq", Integer()))
+    runs_back = sa_table("runs", sa_column("id", Uuid()), sa_column("history", JSON()))
+    model_messages = Base.metadata.tables["model_messages"]
+    now = datetime.now(UTC)
+    user_id, agent_id, session_id, other_session = (uuid.uuid4() for _ in range(4))
+    a, b, c, d = (_message(text) for text in "abcd")
+    old, newest, failed, waiting = (uuid.uuid4() for _ in range(4))
+    engine = create_async_engine(normalise_database_url(empty_database.url))
+    try:
+        await migrations.upgrade(engine, "0004")
+        async with engine.begin() as connection:
+            await connection.execute(
+                insert(users).values(id=user_id, email="m@x.test", created_at=now)
+            )
+            await connection.execute(
+                insert(agents).values(
+                    id=agent_id,
+                    owner_id=None,
+                    name="a",
+                    model="demo",
+                    instructions="",
+                    tools=[],
+                    is_default=True,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            for sid in (session_id, other_session):
+                await connection.execute(
+                    insert(sessions).values(
+                        id=sid,
+                        owner_id=user_id,
+                        agent_id=agent_id,
+                        title="t",
+                        status="active",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+            for number, (run_id, sid, status, history) in enumerate(
+                [
+                    (old, session_id, "succeeded", [a]),
+                    (newest, session_id, "succeeded", [a, b]),
+                    (failed, session_id, "failed", [a, b, d]),
+                    (waiting, session_id, "awaiting_approval", [a, b, c]),
+                    (uuid.uuid4(), other_session, "queued", None),
+                ]
+            ):
+                await connection.execute(
+                    insert(runs_0004).values(
+                        id=run_id,
+                        session_id=sid,
+                        status=status,
+                        attempt=1,
+                        history=history,
+                        last_seq=0,
+                        checkpoint_seq=0,
+                        created_at=now.replace(microsecond=number),
+                        updated_at=now,
+                    )
+                )
+        await migrations.upgrade(engine)
+
+        async with engine.begin() as connection:
+            rows = (
+                await connection.execute(
+                    select(
+                        model_messages.c.session_id,
+                        model_messages.c.seq,
+                        model_messages.c.run_id,
+                        model_messages.c.data,
+                    ).order_by(model_messages.c.session_id, model_messages.c.seq)
+                )
+            ).all()
+            assert [(row.session_id, row.seq, row.run_id, row.data) for row in rows] == [
+                (session_id, 1, newest, a),
+                (session_id, 2, newest, b),
+                (session_id, 3, waiting, c),
+            ]
+            seqs = dict((await connection.execute(select(runs_0005))).all())
+            assert seqs[newest] == 2
+            assert seqs[waiting] == 3
+            assert seqs[old] is None
+            assert seqs[failed] is None
+
+        await migrations.downgrade(engine, "0004")
+        async with engine.begin() as connection:
+            histories = dict((await connection.execute(select(runs_back))).all())
+            assert histories[newest] == [a, b]
+            assert histories[waiting] == [a, b, c]
+            assert histories[failed] is None
     finally:
         await engine.dispose()

@@ -38,6 +38,8 @@ class Text:
     """Answer with text; streamed as these chunks, one SSE event each."""
 
     chunks: tuple[str, ...]
+    hold_after: int | None = None
+    """Stop after this many chunks until ``FakeOpenAI.go_on()`` (streamed requests only)."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,10 @@ class Hang:
 Reply = Text | ToolCall | Error | Hang
 
 
-def text(*chunks: str) -> Text:
-    """A text answer made of these streamed chunks."""
-    return Text(chunks)
+def text(*chunks: str, hold_after: int | None = None) -> Text:
+    """A text answer made of these streamed chunks (held after ``hold_after`` of them until
+    the test calls ``go_on()``)."""
+    return Text(chunks, hold_after)
 
 
 def tool_call(
@@ -151,6 +154,8 @@ class _State:
     requests: list[RecordedRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     released: threading.Event = field(default_factory=threading.Event)
+    holding: threading.Event = field(default_factory=threading.Event)
+    go_on: threading.Event = field(default_factory=threading.Event)
     counter: int = 0
 
 
@@ -179,6 +184,14 @@ class FakeOpenAI:
         """Every request received so far, oldest first."""
         with self._state.lock:
             return list(self._state.requests)
+
+    def wait_until_holding(self, timeout: float) -> bool:
+        """Wait until a ``hold_after`` reply has stopped; True if it did within ``timeout``."""
+        return self._state.holding.wait(timeout)
+
+    def go_on(self) -> None:
+        """Let a held reply send the rest of its chunks."""
+        self._state.go_on.set()
 
     def script(self, *replies: Reply) -> None:
         """Queue replies; each chat-completions request takes the next one."""
@@ -211,6 +224,7 @@ class FakeOpenAI:
     def stop(self) -> None:
         """Release hanging replies, stop serving and wait (bounded) for the server thread."""
         self._state.released.set()
+        self._state.go_on.set()
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
@@ -285,7 +299,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         try:
             deltas = list(_deltas(reply))
-            for delta in deltas:
+            hold_at = (
+                reply.hold_after + 1  # the role delta comes first
+                if isinstance(reply, Text) and reply.hold_after is not None
+                else None
+            )
+            for index, delta in enumerate(deltas):
+                if index == hold_at:
+                    self.state.holding.set()
+                    self.state.go_on.wait(HANG_LIMIT)
                 self._event(_chunk(completion_id, model, delta, None))
             if isinstance(reply, Hang):
                 self._hang()

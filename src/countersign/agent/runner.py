@@ -43,8 +43,9 @@ class TurnSink(ToolJournal, Protocol):
     async def text(self, delta: str) -> None:
         """A piece of the reply."""
 
-    async def checkpoint(self, history: list[Any]) -> None:
-        """The history so far (JSON), from which a retried attempt can continue."""
+    async def checkpoint(self, start: int, messages: list[Any]) -> None:
+        """The history from position ``start`` on (JSON), up to a safe point from which a
+        retried attempt can continue; what was before ``start`` is as the turn was given it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +74,9 @@ class TurnRequest:
     """From ``build_agent``."""
     workspace: Path
     limits: ToolLimits
-    history: list[Any] | None
-    """Stored history (JSON) to continue from, or None."""
+    history: Sequence[Any] | None
+    """The history to continue from: stored JSON, or the messages a previous turn of this
+    process returned (``TurnOutcome.messages``); None for none."""
     prompt: str | None
     """The user's message, when this turn starts from it (not when continuing)."""
     answers: dict[str, Answer] = field(default_factory=dict)
@@ -85,16 +87,22 @@ class TurnRequest:
 class TurnOutcome:
     """How a turn ended: a reply, or tool calls that wait for a person."""
 
-    history: list[Any]
+    new_start: int
+    """Where the history starts to differ from what the turn was given (usually its length;
+    less when pydantic-ai replaced the request the given history ended with)."""
+    new_messages: list[Any]
+    """The history from ``new_start`` on (JSON): what to store over what was there."""
+    messages: list[Any]
+    """The whole history now, as pydantic-ai messages, to hand to the session's next turn."""
     reply: str | None
     requests: tuple[ToolRequest, ...] = ()
 
 
-def open_tool_calls(history: list[Any] | None) -> list[str]:
+def open_tool_calls(history: Sequence[Any] | None) -> list[str]:
     """The ids of tool calls the history asks for but has no result for (deferred calls)."""
     if not history:
         return []
-    messages = ModelMessagesTypeAdapter.validate_python(history)
+    messages = _messages(history) or []
     answered = {
         part.tool_call_id
         for message in messages
@@ -116,6 +124,7 @@ async def run_turn(request: TurnRequest, sink: TurnSink) -> TurnOutcome:
     """Run the agent until it answers or needs a person; report everything to ``sink``."""
     agent = request.agent
     history = _messages(request.history)
+    given = history or []
     results = _deferred_results(request.answers) if request.answers else None
     deps = TurnDeps(workspace=request.workspace, journal=sink, limits=request.limits)
     reply: list[str] = []
@@ -136,21 +145,48 @@ async def run_turn(request: TurnRequest, sink: TurnSink) -> TurnOutcome:
                             await sink.text(text)
             node = await run.next(node)
             if Agent.is_model_request_node(node):
-                # About to ask the model: what it will be asked is a safe point to resume from.
-                await sink.checkpoint(_json([*run.all_messages(), node.request]))
+                # About to ask the model: what it will be asked is a safe point to resume
+                # from. Only what changed is dumped: the cost does not grow with the
+                # session's length.
+                messages = run.all_messages()
+                start = _first_change(messages, given)
+                tail = list(messages[start:])
+                if not tail or tail[-1] is not node.request:
+                    tail.append(node.request)
+                await sink.checkpoint(start, _json(tail))
         assert run.result is not None
         output = run.result.output
-        final = _json(run.result.all_messages())
+        messages = run.result.all_messages()
+    new_start = _first_change(messages, given)
+    new_messages = _json(messages[new_start:])
     if isinstance(output, DeferredToolRequests):
         return TurnOutcome(
-            history=final,
+            new_start=new_start,
+            new_messages=new_messages,
+            messages=messages,
             reply=None,
             requests=tuple(
                 ToolRequest(call.tool_call_id, call.tool_name, call.args_as_dict())
                 for call in output.approvals
             ),
         )
-    return TurnOutcome(history=final, reply="".join(reply))
+    return TurnOutcome(
+        new_start=new_start, new_messages=new_messages, messages=messages, reply="".join(reply)
+    )
+
+
+def _first_change(messages: Sequence[ModelMessage], given: Sequence[ModelMessage]) -> int:
+    """The first position where ``messages`` no longer holds the given history's own objects.
+
+    pydantic-ai keeps a given history's messages as they are, except that it replaces a
+    request the history ends with (a checkpoint taken before a model call, or a request
+    that deferred results complete); comparing identities finds that in a pass of pointer
+    comparisons, without dumping anything.
+    """
+    for position, message in enumerate(given):
+        if position >= len(messages) or messages[position] is not message:
+            return position
+    return len(given)
 
 
 def build_agent(model: Model, *, instructions: str, tools: tuple[ToolSetting, ...]) -> TurnAgent:
@@ -183,9 +219,11 @@ def _deferred_results(answers: dict[str, Answer]) -> DeferredToolResults:
     return DeferredToolResults(approvals=approvals)
 
 
-def _messages(history: list[Any] | None) -> Sequence[ModelMessage] | None:
+def _messages(history: Sequence[Any] | None) -> list[ModelMessage] | None:
     if not history:
         return None
+    if all(isinstance(message, ModelRequest | ModelResponse) for message in history):
+        return list(history)  # handed over by this process's previous turn: already parsed
     return ModelMessagesTypeAdapter.validate_python(history)
 
 

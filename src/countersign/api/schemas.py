@@ -18,6 +18,7 @@ from countersign.domain.models import (
     SessionStatus,
     ToolPolicy,
 )
+from countersign.domain.text import storable
 from countersign.services.accounts import API_KEY_NAME_MAX_LENGTH, PASSWORD_MAX_LENGTH
 from countersign.services.agents import INSTRUCTIONS_MAX_LENGTH as AGENT_INSTRUCTIONS_MAX_LENGTH
 from countersign.services.agents import NAME_MAX_LENGTH as AGENT_NAME_MAX_LENGTH
@@ -39,6 +40,39 @@ def _storable(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_storable)]
 """A string from a client: any text the database can store."""
+
+
+def _storable_object(value: dict[str, Any]) -> dict[str, Any]:
+    # As for Text, in every string of the object, names included: what a person sends is
+    # refused, never changed (model and tool output is stored with U+FFFD instead).
+    if _depth(value) > MAX_NESTING:
+        raise ValueError(f"must not be nested more than {MAX_NESTING} levels deep")
+    if storable(value) is not value:
+        raise ValueError("must not contain NUL characters or lone surrogates")
+    return value
+
+
+MAX_NESTING = 64
+"""How deep a JSON object from a client may nest (tool arguments are shallow)."""
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a JSON value (without recursion)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_NESTING:
+            break
+        if isinstance(item, dict):
+            stack.extend((child, level + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, level + 1) for child in item)
+    return deepest
+
+
+JSONObjectIn = Annotated[dict[str, Any], AfterValidator(_storable_object)]
+"""A JSON object from a client whose every string the database can store."""
 
 
 class Strict(BaseModel):
@@ -224,7 +258,7 @@ class ApprovalDecision(Strict):
 
     decision: Decision
     reason: Text | None = Field(default=None, max_length=2_000)
-    arguments: dict[str, Any] | None = None
+    arguments: JSONObjectIn | None = None
 
 
 class ToolSettingIn(Strict):

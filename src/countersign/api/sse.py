@@ -6,23 +6,28 @@ gap in what it was handed reads the database. Either way it sends exactly the st
 order: no gap, no duplicate, wherever it is resumed. The stream ends after ``run.finished``
 or ``run.failed``, or at an ``approval.required`` while the run still waits for it. A client
 that goes away only stops its own stream; the run goes on in the executor.
+
+An idle stream costs nothing: it waits on its subscription and never polls (what it could
+miss, the process's one sweep in ``services/follow.py`` finds). A stream that cannot read the
+database ends cleanly after its last whole event; the client resumes with ``Last-Event-ID``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from countersign.broker import Subscription
+from countersign.domain.errors import CountersignError
 from countersign.domain.events import EventType, RunEvent
 from countersign.domain.models import RunId, RunStatus
 from countersign.services import ServiceDeps
 from countersign.services.runs import EVENTS_PAGE, read_events
 
-FOLLOW_POLL_SECONDS = 1.0
-"""Without a wake-up (e.g. the run is carried out by another process), look this often."""
+logger = logging.getLogger(__name__)
 
 
 def run_event_stream(
@@ -52,18 +57,31 @@ async def _events(
     new_run: bool,
 ) -> AsyncIterator[ServerSentEvent]:
     seq = after_seq
+    if new_run:
+        subscription.seen = seq  # it has no events yet; the sweep wakes it if that changed
     try:
         handed = await _handed(subscription, seq) if new_run else None
         while True:
             if handed is None:
-                events, status = await read_events(services, run_id=run_id, after_seq=seq)
+                try:
+                    events, status = await read_events(services, run_id=run_id, after_seq=seq)
+                except CountersignError as error:
+                    # E.g. the database is away or the pool is exhausted: end after the last
+                    # whole event; the client resumes from it with Last-Event-ID.
+                    logger.info("stream of run %s ends early: %s", run_id, error.message)
+                    return
+                except Exception:
+                    # A bug: the same clean end, and the traceback in the log.
+                    logger.exception("stream of run %s could not read its events", run_id)
+                    return
+                subscription.seen = max(seq, events[-1].seq if events else seq)
             else:
                 events, status = handed, None
             for event in events:
                 yield ServerSentEvent(
                     data=json.dumps(event.payload()), event=event.type.value, id=str(event.seq)
                 )
-                seq = event.seq
+                seq = subscription.seen = event.seq
                 if event.type in (EventType.RUN_FINISHED, EventType.RUN_FAILED):
                     return
             if status is None:
@@ -87,9 +105,9 @@ async def _events(
 
 
 async def _handed(subscription: Subscription, seq: int) -> list[RunEvent] | None:
-    """The events handed over next, if they continue the stream at ``seq``; else None: a poll,
-    a wake-up from elsewhere or a gap, and the database must be read."""
-    news = await subscription.next(FOLLOW_POLL_SECONDS)
+    """The events handed over next, if they continue the stream at ``seq``; else None: a
+    wake-up from elsewhere (or the sweep) or a gap, and the database must be read."""
+    news = await subscription.next(None)
     fresh = [event for event in news or () if event.seq > seq]
     if fresh and all(event.seq == seq + 1 + index for index, event in enumerate(fresh)):
         return fresh

@@ -3,8 +3,9 @@
 SQLite: every connection gets ``foreign_keys=ON``, WAL and a ``busy_timeout``; the driver's
 own transaction handling is switched off so that a writing unit of work can start with
 ``BEGIN IMMEDIATE`` (a deferred transaction that reads and then writes can fail with
-"database is locked" at once, without waiting). PostgreSQL: a sized pool with pre-ping and a
-statement timeout.
+"database is locked" at once, without waiting). PostgreSQL: a sized pool with a statement
+timeout, and no pre-ping (a dead connection is found when it is used). Neither engine puts
+statement parameters into error texts.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def _sqlite_engine(url: URL, settings: Settings) -> AsyncEngine:
         url,
         connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
         pool_pre_ping=False,
+        # An error's text (logged, and shown by nothing) never carries the values of a
+        # statement: hashes, emails, message content.
+        hide_parameters=True,
     )
     busy_timeout = settings.sqlite_busy_timeout_ms
 
@@ -95,8 +99,12 @@ def _postgres_engine(url: URL, settings: Settings, *, pool_size: int | None) -> 
         pool_size=pool_size or settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout,
-        pool_pre_ping=True,
+        # No liveness round trip per checkout: a connection found dead when used raises a
+        # "connection lost" error, which invalidates the whole pool (so the others are not
+        # tried one by one) and is Unavailable: the request answers 503, the executor retries.
+        pool_pre_ping=False,
         pool_recycle=1800,
+        hide_parameters=True,
         connect_args={
             "server_settings": server_settings,
             "timeout": settings.db_connect_timeout,

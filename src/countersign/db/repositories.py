@@ -1,19 +1,31 @@
 """Repositories: one per aggregate. Rows in, frozen domain objects out; they never commit.
 
 Every write that must hit a row checks the row count and raises NotFound when it hit none,
-so that a write can never be a silent no-op. ``translate_error`` is the one place where
-driver errors become domain errors.
+so that a write can never be a silent no-op. Driver errors become domain errors in one place,
+``db/errors.py``.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, and_, delete, func, insert, or_, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy import (
+    CursorResult,
+    Table,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from countersign.db.tables import (
@@ -21,10 +33,12 @@ from countersign.db.tables import (
     AgentRow,
     ApiKeyRow,
     ApprovalRow,
+    Base,
     EventRow,
     IdempotencyKeyRow,
     IdentityRow,
     MessageRow,
+    ModelMessageRow,
     RunRow,
     SessionRow,
     UserRow,
@@ -33,12 +47,10 @@ from countersign.domain.errors import (
     AlreadyDecided,
     AlreadyExists,
     Conflict,
-    CountersignError,
     LeaseLost,
     NotFound,
-    Unavailable,
 )
-from countersign.domain.events import EventType, NewEvent, RunEvent
+from countersign.domain.events import EventType, NewEvent, RunBatch, RunEvent
 from countersign.domain.models import (
     AccessToken,
     AccessTokenId,
@@ -69,25 +81,7 @@ from countersign.domain.models import (
     User,
     UserId,
 )
-
-
-def translate_error(exc: SQLAlchemyError | OSError) -> CountersignError | SQLAlchemyError:
-    """The domain error for a driver error (an unknown one is returned as it is)."""
-    if isinstance(exc, IntegrityError):
-        return Conflict("the request conflicts with data that already exists")
-    if isinstance(exc, PoolTimeoutError):
-        return Unavailable("the database has no free connection right now; try again")
-    if isinstance(exc, OSError):
-        return Unavailable("the database cannot be reached right now; try again")
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return Unavailable("the connection to the database was lost; try again")
-        text = str(exc.orig).lower()
-        if "database is locked" in text or "database table is locked" in text:
-            return Unavailable("the database is busy; try again")
-        if isinstance(exc.orig, OSError) or "connection" in text:
-            return Unavailable("the database cannot be reached right now; try again")
-    return exc
+from countersign.domain.text import storable
 
 
 def _rowcount(result: Any) -> int:
@@ -469,6 +463,7 @@ class MessageRepository:
         Two concurrent inserts on one session both pick the same ``seq``; the unique key
         turns the second into a Conflict.
         """
+        content = storable(content)  # model text: stored the same on every database
         next_seq = (
             select(func.coalesce(func.max(MessageRow.seq), 0) + 1)
             .where(MessageRow.session_id == session_id)
@@ -499,8 +494,17 @@ class MessageRepository:
         )
 
 
-EVENTS_PER_INSERT = 500
-"""Rows of one multi-row INSERT into events (6 parameters each)."""
+_RUNS: Table = Base.metadata.tables[RunRow.__tablename__]
+"""Hot statements use the Core table, not the ORM class: no ORM bulk bookkeeping."""
+_INSERT_MODEL_MESSAGE = insert(Base.metadata.tables[ModelMessageRow.__tablename__])
+_INSERT_EVENT = insert(Base.metadata.tables[EventRow.__tablename__])
+_PG_INSERT_EVENTS = text(
+    "INSERT INTO events (run_id, seq, type, attempt, data, created_at) "
+    "SELECT * FROM unnest(CAST(:run_ids AS uuid[]), CAST(:seqs AS integer[]), "
+    "CAST(:types AS varchar[]), CAST(:attempts AS integer[]), CAST(:datas AS jsonb[]), "
+    "CAST(:created AS timestamptz[]))"
+)
+"""Built once: executed with a list of rows it is an executemany, compiled once per process."""
 
 
 class RunRepository:
@@ -513,8 +517,16 @@ class RunRepository:
     def __init__(self, db_session: AsyncSession) -> None:
         self._db = db_session
 
-    async def add(self, run: Run, *, at: datetime) -> None:
-        """Insert a new run; Conflict (RunActive upstream) if the session already has one."""
+    async def add(
+        self,
+        run: Run,
+        *,
+        at: datetime,
+        owner: str | None = None,
+        lease_until: datetime | None = None,
+    ) -> None:
+        """Insert a new run (claimed already when ``owner`` and ``lease_until`` are given);
+        Conflict (RunActive upstream) if the session already has one."""
         await self._db.execute(
             insert(RunRow).values(
                 id=run.id,
@@ -522,9 +534,10 @@ class RunRepository:
                 status=run.status.value,
                 attempt=run.attempt,
                 error=run.error,
-                owner=None,
-                lease_expires_at=None,
-                history=None,
+                owner=owner,
+                lease_expires_at=lease_until,
+                history_seq=None,
+                retries=0,
                 last_seq=0,
                 checkpoint_seq=0,
                 created_at=run.created_at,
@@ -539,6 +552,20 @@ class RunRepository:
             select(RunRow).where(RunRow.id == run_id, RunRow.session_id == session_id)
         )
         return None if row is None else _run(row)
+
+    async def lock(self, run_id: RunId) -> RunStatus | None:
+        """Lock the run's row until the transaction ends; its status then (None: no such run).
+
+        The one lock order for a run and its approvals is the run first, then its approvals:
+        a decision or an expiry takes this lock before it touches the approval, as a cancel's
+        UPDATE of the run comes before it expires the approvals, so that two of them queue
+        instead of deadlocking. PostgreSQL: ``FOR NO KEY UPDATE``, the lock the run's UPDATE
+        takes anyway. SQLite renders no lock clause: its one writer already runs alone.
+        """
+        status = await self._db.scalar(
+            select(RunRow.status).where(RunRow.id == run_id).with_for_update(key_share=True)
+        )
+        return None if status is None else RunStatus(status)
 
     async def get_active(self, session_id: SessionId) -> Run | None:
         """The session's run that has not ended, if there is one."""
@@ -581,6 +608,10 @@ class RunRepository:
                     status=RunStatus.RUNNING.value,
                     owner=owner,
                     attempt=RunRow.attempt + 1,
+                    # Taking over a running run (its process stopped or let it go) is a
+                    # retry; claiming a queued one (new, or decided) is not.
+                    retries=RunRow.retries
+                    + case((RunRow.status == RunStatus.RUNNING.value, 1), else_=0),
                     lease_expires_at=lease_until,
                     updated_at=now,
                 )
@@ -588,7 +619,8 @@ class RunRepository:
                     RunRow.id,
                     RunRow.session_id,
                     RunRow.attempt,
-                    RunRow.history,
+                    RunRow.retries,
+                    RunRow.history_seq,
                     RunRow.last_seq,
                     RunRow.checkpoint_seq,
                     RunRow.created_at,
@@ -607,7 +639,8 @@ class RunRepository:
                     finished_at=None,
                 ),
                 lease=Lease(owner=owner, attempt=row.attempt),
-                history=None if row.history is None else list(row.history),
+                history_seq=row.history_seq,
+                retries=row.retries,
                 last_seq=row.last_seq,
                 checkpoint_seq=row.checkpoint_seq,
             )
@@ -615,13 +648,31 @@ class RunRepository:
         ]
         return sorted(claimed, key=lambda found: found.run.created_at)
 
-    async def extend_lease(self, run_id: RunId, lease: Lease, *, until: datetime) -> None:
-        """Push the lease out; LeaseLost if the run is no longer this lease's."""
-        result = await self._db.execute(
-            update(RunRow).where(*_fenced(run_id, lease)).values(lease_expires_at=until)
+    async def release_lease(self, run_id: RunId, lease: Lease, *, at: datetime) -> None:
+        """Let the run go: claimable again at once (still ``running``: a retry follows)."""
+        await self._db.execute(
+            update(_RUNS).where(*_fenced(run_id, lease)).values(owner=None, lease_expires_at=at)
         )
-        if _rowcount(result) == 0:
-            raise LeaseLost(f"run {run_id} is no longer held by {lease.owner}")
+
+    async def extend_leases(
+        self, *, owner: str, run_ids: list[RunId], until: datetime
+    ) -> set[tuple[RunId, int]]:
+        """Push out the leases of these runs that ``owner`` still holds; which it holds, with
+        their attempts (one statement per 500 runs)."""
+        kept: set[tuple[RunId, int]] = set()
+        for start in range(0, len(run_ids), 500):
+            rows = await self._db.execute(
+                update(RunRow)
+                .where(
+                    RunRow.id.in_(run_ids[start : start + 500]),
+                    RunRow.owner == owner,
+                    RunRow.status == RunStatus.RUNNING.value,
+                )
+                .values(lease_expires_at=until)
+                .returning(RunRow.id, RunRow.attempt)
+            )
+            kept.update((RunId(row.id), row.attempt) for row in rows)
+        return kept
 
     async def expire_leases(self, *, now: datetime) -> int:
         """Make every running run claimable now (SQLite start-up: their process is gone)."""
@@ -654,55 +705,143 @@ class RunRepository:
         conditions = (
             _fenced(run_id, lease)
             if lease is not None
-            else [RunRow.id == run_id, RunRow.status.in_([status.value for status in expect])]
+            else [_RUNS.c.id == run_id, _RUNS.c.status.in_([status.value for status in expect])]
         )
-        changes: JSONObject = {"last_seq": RunRow.last_seq + len(events), "updated_at": at}
-        if checkpoint_after is not None:
-            changes["checkpoint_seq"] = RunRow.last_seq + checkpoint_after
-        bumped = (
-            await self._db.execute(
-                update(RunRow)
-                .where(*conditions)
-                .values(**changes, **(values or {}))
-                .returning(RunRow.last_seq, RunRow.attempt)
-            )
-        ).one_or_none()
-        if bumped is None:
+        stored = await self._bump(
+            run_id, events, conditions, at=at, values=values, checkpoint_after=checkpoint_after
+        )
+        if stored is None:
             if lease is not None:
                 raise LeaseLost(f"run {run_id} is no longer held by {lease.owner}")
             states = " or ".join(status.value for status in expect)
             raise Conflict(f"run {run_id} is no longer {states}")
+        await self._insert_events(stored)
+        return stored
+
+    async def append_many(
+        self, batches: list[RunBatch], *, at: datetime
+    ) -> list[list[RunEvent] | LeaseLost]:
+        """The executor's batches of several runs at once, each as in ``append`` under its
+        lease (plus its model messages), with one INSERT of all their events.
+
+        A run whose lease is gone gets LeaseLost in its place and writes nothing; the others
+        are not affected.
+        """
+        results: list[list[RunEvent] | LeaseLost] = []
+        every: list[RunEvent] = []
+        messages: list[dict[str, Any]] = []
+        for batch in batches:
+            stored = await self._bump(
+                batch.run_id,
+                batch.events,
+                _fenced(batch.run_id, batch.lease),
+                at=at,
+                values=batch.values,
+                checkpoint_after=batch.checkpoint_after,
+            )
+            if stored is None:
+                results.append(
+                    LeaseLost(f"run {batch.run_id} is no longer held by {batch.lease.owner}")
+                )
+                continue
+            results.append(stored)
+            every.extend(stored)
+            if batch.truncate:
+                await self._db.execute(
+                    delete(ModelMessageRow).where(
+                        ModelMessageRow.session_id == batch.session_id,
+                        ModelMessageRow.seq > batch.messages_after,
+                    )
+                )
+            messages.extend(
+                _model_message_rows(
+                    batch.session_id,
+                    batch.run_id,
+                    batch.messages,
+                    after=batch.messages_after,
+                    at=at,
+                )
+            )
+        await self._insert_events(every)
+        if messages:
+            await self._db.execute(_INSERT_MODEL_MESSAGE, messages)
+        return results
+
+    async def _bump(
+        self,
+        run_id: RunId,
+        events: list[NewEvent],
+        conditions: list[Any],
+        *,
+        at: datetime,
+        values: JSONObject | None,
+        checkpoint_after: int | None,
+    ) -> list[RunEvent] | None:
+        """Move the run's ``last_seq`` on by the events (and set ``values``) if ``conditions``
+        hold; the events as they will be stored, or None if the run did not match."""
+        changes: JSONObject = {"last_seq": _RUNS.c.last_seq + len(events), "updated_at": at}
+        if checkpoint_after is not None:
+            changes["checkpoint_seq"] = _RUNS.c.last_seq + checkpoint_after
+        # A Core statement on the table: the ORM's bulk-update bookkeeping (evaluating the
+        # criteria against loaded objects, of which there are none) costs more than the SQL.
+        bumped = (
+            await self._db.execute(
+                update(_RUNS)
+                .where(*conditions)
+                .values(**changes, **storable(values or {}))
+                .returning(_RUNS.c.last_seq, _RUNS.c.attempt)
+            )
+        ).one_or_none()
+        if bumped is None:
+            return None
         last_seq, run_attempt = bumped
-        if not events:
-            return []
         first = last_seq - len(events) + 1
-        stored = [
+        return [
             RunEvent(
                 run_id=run_id,
                 seq=first + index,
                 attempt=run_attempt,
                 type=event.type,
-                data=event.data,
+                data=storable(event.data),  # what streams live is what is stored
                 created_at=at,
             )
             for index, event in enumerate(events)
         ]
-        rows = [
-            {
-                "run_id": event.run_id,
-                "seq": event.seq,
-                "type": event.type.value,
-                "attempt": event.attempt,
-                "data": event.data,
-                "created_at": event.created_at,
-            }
-            for event in stored
-        ]
-        # One multi-row INSERT per chunk: one round trip, where an executemany is one
-        # statement per row on PostgreSQL. Chunks keep within the drivers' parameter limits.
-        for start in range(0, len(rows), EVENTS_PER_INSERT):
-            await self._db.execute(insert(EventRow).values(rows[start : start + EVENTS_PER_INSERT]))
-        return stored
+
+    async def _insert_events(self, stored: list[RunEvent]) -> None:
+        if not stored:
+            return
+        if self._db.get_bind().dialect.name == "postgresql":
+            # One statement whatever the number of rows: the columns go as arrays (an
+            # executemany would be one execution per row on the server).
+            await self._db.execute(
+                _PG_INSERT_EVENTS,
+                {
+                    "run_ids": [event.run_id for event in stored],
+                    "seqs": [event.seq for event in stored],
+                    "types": [event.type.value for event in stored],
+                    "attempts": [event.attempt for event in stored],
+                    "datas": [json.dumps(event.data) for event in stored],
+                    "created": [event.created_at for event in stored],
+                },
+            )
+            return
+        # SQLite: one statement, compiled once and cached, executed with many rows in one
+        # call of the driver.
+        await self._db.execute(
+            _INSERT_EVENT,
+            [
+                {
+                    "run_id": event.run_id,
+                    "seq": event.seq,
+                    "type": event.type.value,
+                    "attempt": event.attempt,
+                    "data": event.data,
+                    "created_at": event.created_at,
+                }
+                for event in stored
+            ],
+        )
 
     async def events(self, run_id: RunId, *, after_seq: int, limit: int) -> list[RunEvent]:
         """Up to ``limit`` events of the run after ``after_seq``, in order."""
@@ -748,41 +887,103 @@ class RunRepository:
         ).one_or_none()
         return None if row is None else (RunStatus(row.status), row.last_seq)
 
+    async def newest_seqs(self, run_ids: list[RunId]) -> dict[RunId, int]:
+        """Each of these runs' newest event seq (runs that do not exist are left out)."""
+        rows = await self._db.execute(
+            select(RunRow.id, RunRow.last_seq).where(RunRow.id.in_(run_ids))
+        )
+        return {RunId(row.id): row.last_seq for row in rows}
+
     async def turn_context(self, run_id: RunId, *, session_id: SessionId) -> TurnContext:
-        """The agent, workspace, prompt and prior history a run's turn needs, in one statement."""
+        """The agent, workspace, prompt and history length a run's turn needs, in one
+        statement (the history itself is read apart, unless this process holds it)."""
         prompt = (
             select(MessageRow.content)
             .where(MessageRow.run_id == run_id, MessageRow.role == MessageRole.USER.value)
             .limit(1)
             .scalar_subquery()
         )
-        prior = (
-            select(RunRow.history)
-            .where(
-                RunRow.session_id == session_id,
-                RunRow.status == RunStatus.SUCCEEDED.value,
-                RunRow.id != run_id,
-            )
-            .order_by(RunRow.created_at.desc())
+        history_length = (
+            select(func.coalesce(func.max(ModelMessageRow.seq), 0))
+            .where(ModelMessageRow.session_id == session_id)
+            .scalar_subquery()
+        )
+        history_tail = (
+            select(ModelMessageRow.run_id)
+            .where(ModelMessageRow.session_id == session_id)
+            .order_by(ModelMessageRow.seq.desc())
             .limit(1)
             .scalar_subquery()
         )
         found = (
             await self._db.execute(
-                select(AgentRow, SessionRow.workspace, prompt, prior)
+                select(AgentRow, SessionRow.workspace, prompt, history_length, history_tail)
                 .join(SessionRow, SessionRow.agent_id == AgentRow.id)
                 .where(SessionRow.id == session_id)
             )
         ).one_or_none()
         if found is None:
             raise NotFound(f"session {session_id} not found")
-        agent, workspace, prompt_text, prior_history = found
+        agent, workspace, prompt_text, length, tail = found
         return TurnContext(
             agent=_agent(agent),
             workspace=workspace,
             prompt=prompt_text or "",
-            prior_history=None if prior_history is None else list(prior_history),
+            history_length=int(length or 0),
+            history_tail=None if tail is None else RunId(tail),
         )
+
+
+class ModelMessageRepository:
+    """The agent's conversation as the model sees it: each message stored once, in order.
+
+    A session's messages are ``seq`` 1..n. A run adds its own at the end as its checkpoints
+    happen; when a run fails or is cancelled its messages go (they are the newest), so what
+    is stored is always the history the next turn continues.
+    """
+
+    def __init__(self, db_session: AsyncSession) -> None:
+        self._db = db_session
+
+    async def load(self, session_id: SessionId, *, upto: int) -> list[Any]:
+        """The session's messages (JSON) with ``seq`` up to ``upto``, in order."""
+        if upto <= 0:
+            return []
+        rows = await self._db.scalars(
+            select(ModelMessageRow.data)
+            .where(ModelMessageRow.session_id == session_id, ModelMessageRow.seq <= upto)
+            .order_by(ModelMessageRow.seq)
+        )
+        return list(rows)
+
+    async def append(
+        self,
+        session_id: SessionId,
+        run_id: RunId,
+        messages: list[Any],
+        *,
+        after: int,
+        at: datetime,
+    ) -> None:
+        """Store ``messages`` as the session's ``seq`` ``after + 1`` onwards."""
+        if not messages:
+            return
+        await self._db.execute(
+            _INSERT_MODEL_MESSAGE,
+            _model_message_rows(session_id, run_id, messages, after=after, at=at),
+        )
+
+    async def truncate(self, session_id: SessionId, *, after: int) -> None:
+        """Delete the session's messages after ``after`` (they are about to be replaced)."""
+        await self._db.execute(
+            delete(ModelMessageRow).where(
+                ModelMessageRow.session_id == session_id, ModelMessageRow.seq > after
+            )
+        )
+
+    async def discard_run(self, run_id: RunId) -> None:
+        """Forget the messages of a run that failed or was cancelled."""
+        await self._db.execute(delete(ModelMessageRow).where(ModelMessageRow.run_id == run_id))
 
 
 class ApprovalRepository:
@@ -814,9 +1015,9 @@ class ApprovalRepository:
                 id=approval.id,
                 run_id=approval.run_id,
                 session_id=approval.session_id,
-                tool_call_id=approval.tool_call_id,
-                tool=approval.tool,
-                arguments=approval.arguments,
+                tool_call_id=storable(approval.tool_call_id),
+                tool=storable(approval.tool),
+                arguments=storable(approval.arguments),
                 status=approval.status.value,
                 decided_by=approval.decided_by,
                 decided_at=approval.decided_at,
@@ -828,11 +1029,11 @@ class ApprovalRepository:
         await self._db.flush()
 
     async def get(self, approval_id: ApprovalId, *, session_id: SessionId) -> Approval | None:
-        """The approval if it belongs to the session."""
+        """The approval if it belongs to the session (as stored now: read again after a lock)."""
         row = await self._db.scalar(
-            select(ApprovalRow).where(
-                ApprovalRow.id == approval_id, ApprovalRow.session_id == session_id
-            )
+            select(ApprovalRow)
+            .where(ApprovalRow.id == approval_id, ApprovalRow.session_id == session_id)
+            .execution_options(populate_existing=True)
         )
         return None if row is None else _approval(row)
 
@@ -1046,12 +1247,27 @@ def _message(row: MessageRow) -> Message:
 _ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.AWAITING_APPROVAL)
 
 
+def _model_message_rows(
+    session_id: SessionId, run_id: RunId, messages: list[Any], *, after: int, at: datetime
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "session_id": session_id,
+            "seq": after + index + 1,
+            "run_id": run_id,
+            "data": storable(message),
+            "created_at": at,
+        }
+        for index, message in enumerate(messages)
+    ]
+
+
 def _fenced(run_id: RunId, lease: Lease) -> list[Any]:
     return [
-        RunRow.id == run_id,
-        RunRow.owner == lease.owner,
-        RunRow.attempt == lease.attempt,
-        RunRow.status == RunStatus.RUNNING.value,
+        _RUNS.c.id == run_id,
+        _RUNS.c.owner == lease.owner,
+        _RUNS.c.attempt == lease.attempt,
+        _RUNS.c.status == RunStatus.RUNNING.value,
     ]
 
 

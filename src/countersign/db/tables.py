@@ -200,12 +200,16 @@ class RunRow(Base):
     owner: Mapped[str | None] = mapped_column(String(100))
     """The executor holding the run's lease."""
     lease_expires_at: Mapped[datetime | None]
-    history: Mapped[list[Any] | None]
-    """The agent's message history (pydantic-ai JSON), stored after each model response."""
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    """How often the run was claimed again after its process stopped or let it go (not
+    counting resumptions after a decision): at most ``COUNTERSIGN_RUN_MAX_ATTEMPTS`` tries."""
+    history_seq: Mapped[int | None] = mapped_column(Integer)
+    """How far the run's stored checkpoint reaches: the session's model messages up to this
+    ``seq`` (None: nothing stored yet, a retry starts from the user's message)."""
     last_seq: Mapped[int] = mapped_column(Integer)
     """The seq of the run's newest event; appending bumps it (fenced by owner and attempt)."""
     checkpoint_seq: Mapped[int] = mapped_column(Integer)
-    """``last_seq`` when ``history`` was stored: tool calls after it are not in the history."""
+    """``last_seq`` when the checkpoint was stored: tool calls after it are not in it."""
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
@@ -222,6 +226,25 @@ class RunRow(Base):
             postgresql_where=text("status IN ('queued', 'running', 'awaiting_approval')"),
         ),
     )
+
+
+class ModelMessageRow(Base):
+    """One message of the agent's conversation as the model sees it (pydantic-ai JSON).
+
+    Stored once, when it happens: a session's ``seq`` 1..n is its whole model history, so a
+    turn writes only its own new messages, whatever the session's length. Messages of a run
+    that failed or was cancelled are deleted with that outcome (they are always the newest).
+    """
+
+    __tablename__ = "model_messages"
+
+    session_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    data: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
 
 
 class MessageRow(Base):

@@ -17,6 +17,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from countersign.db.engine import IMMEDIATE
+from countersign.db.errors import translate_error
 from countersign.db.repositories import (
     AccessTokenRepository,
     AgentRepository,
@@ -25,10 +26,10 @@ from countersign.db.repositories import (
     IdempotencyRepository,
     IdentityRepository,
     MessageRepository,
+    ModelMessageRepository,
     RunRepository,
     SessionRepository,
     UserRepository,
-    translate_error,
 )
 from countersign.domain.errors import Unavailable
 
@@ -46,6 +47,7 @@ class UnitOfWork:
     sessions: SessionRepository
     messages: MessageRepository
     runs: RunRepository
+    history: ModelMessageRepository
     approvals: ApprovalRepository
     idempotency: IdempotencyRepository
 
@@ -96,6 +98,7 @@ class UnitOfWork:
         self.sessions = SessionRepository(db_session)
         self.messages = MessageRepository(db_session)
         self.runs = RunRepository(db_session)
+        self.history = ModelMessageRepository(db_session)
         self.approvals = ApprovalRepository(db_session)
         self.idempotency = IdempotencyRepository(db_session)
         return self
@@ -128,7 +131,10 @@ class UnitOfWork:
             if self._writer_lock is not None:
                 self._writer_lock.release()
         if isinstance(exc, SQLAlchemyError | OSError):
-            raise translate_error(exc) from exc
+            translated = translate_error(exc)
+            if translated is not exc:
+                raise translated from exc
+            # An error nobody expected: it goes on as it is (the caller logs it).
         if exc is None and rollback_error is not None:
             raise translate_error(rollback_error) from rollback_error
 

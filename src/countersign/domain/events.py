@@ -8,11 +8,12 @@ higher attempt marks the retry).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
-from countersign.domain.models import JSONObject, RunId
+from countersign.domain.models import JSONObject, Lease, RunId, SessionId
 
 
 class EventType(StrEnum):
@@ -45,6 +46,25 @@ class NewEvent:
 
     type: EventType
     data: JSONObject
+
+
+@dataclass(frozen=True, slots=True)
+class RunBatch:
+    """What an executor writes for a run in one go, under its lease: events to append, the
+    run's new values, and the model messages its checkpoint adds."""
+
+    run_id: RunId
+    session_id: SessionId
+    lease: Lease
+    events: list[NewEvent]
+    values: JSONObject | None = None
+    checkpoint_after: int | None = None
+    """The checkpoint (``history_seq`` in ``values``) covers the first that many events."""
+    messages: list[Any] = field(default_factory=list)
+    """Model messages (JSON) to store as the session's ``seq`` ``messages_after + 1`` on."""
+    messages_after: int = 0
+    truncate: bool = False
+    """Delete the session's messages after ``messages_after`` first (they are replaced)."""
 
 
 @dataclass(frozen=True, slots=True)

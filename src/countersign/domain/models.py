@@ -279,10 +279,13 @@ class ClaimedRun:
 
     run: Run
     lease: Lease
-    history: list[Any] | None
-    """The stored pydantic-ai history (JSON), or None before the first checkpoint."""
+    history_seq: int | None
+    """How far the run's stored checkpoint reaches in the session's model messages (None:
+    no checkpoint yet, the run starts from the user's message)."""
     last_seq: int
     checkpoint_seq: int
+    retries: int = 0
+    """How often the run was taken over after its process stopped or let it go."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,8 +295,11 @@ class TurnContext:
     agent: Agent
     workspace: str | None
     prompt: str
-    prior_history: list[Any] | None
-    """The history the session's previous successful run left, for a run's first attempt."""
+    history_length: int
+    """How many model messages the session has stored: what a run's first attempt continues."""
+    history_tail: RunId | None = None
+    """The run that stored the newest of them: with the length, it tells whether a history
+    kept in memory is still the stored one (messages are only added, or a run's removed)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,13 +8,40 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from datetime import datetime
+from typing import Protocol, TypeVar
 
 from countersign.broker import LocalBroker
 from countersign.config import Settings
 from countersign.db.uow import UnitOfWorkFactory
 from countersign.domain.errors import InvalidInput
-from countersign.domain.models import Clock, Page, decode_cursor, encode_cursor, new_id
+from countersign.domain.models import (
+    Clock,
+    Lease,
+    Page,
+    Run,
+    TurnContext,
+    decode_cursor,
+    encode_cursor,
+    new_id,
+)
+
+
+class LocalExecutor(Protocol):
+    """This process's executor, as a request that starts a run sees it: a run started here
+    is claimed for it in the request's own transaction and handed over in memory."""
+
+    def reserve(self, *, now: datetime) -> Lease | None:
+        """A lease for a new run if a slot is free (held until ``hand_off`` or ``unreserve``)."""
+
+    def unreserve(self) -> None:
+        """Give a reserved slot back (the run was not started)."""
+
+    def hand_off(self, run: Run, *, lease: Lease, context: TurnContext) -> None:
+        """Carry out a committed run claimed with a reserved lease."""
+
+    def lease_until(self, now: datetime) -> datetime:
+        """When a lease taken now runs out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +53,8 @@ class ServiceDeps:
     settings: Settings
     new_id: Callable[[], uuid.UUID] = new_id
     broker: LocalBroker = field(default_factory=LocalBroker)
+    executor: LocalExecutor | None = None
+    """Set by the composition root once the executor exists (None: runs wait to be claimed)."""
 
 
 def uuid_cursor(cursor: str | None) -> uuid.UUID | None:

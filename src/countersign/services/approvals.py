@@ -1,7 +1,9 @@
 """Approvals: a person decides a pending tool call, or its time runs out.
 
 The decision and the run's re-queueing are one transaction, so nothing waits in memory for a
-person: any server process can then claim the run and resume it.
+person: any server process can then claim the run and resume it. Like a cancel, a decision or an
+expiry locks the run first and its approvals after (``RunRepository.lock``), so that they queue
+behind each other on PostgreSQL instead of deadlocking.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from countersign.domain.events import EventType, NewEvent
 from countersign.domain.models import (
     Approval,
     ApprovalId,
+    ApprovalStatus,
     Decision,
     JSONObject,
     RunStatus,
@@ -46,9 +49,7 @@ async def decide_approval(
         session = await uow.sessions.get_owned(session_id, owner=actor)
         if session is None:
             raise NotFound(SESSION_NOT_FOUND)
-        pending = await uow.approvals.get(approval_id, session_id=session.id)
-        if pending is None:
-            raise NotFound(APPROVAL_NOT_FOUND)
+        pending = await _get_under_run_lock(uow, approval_id, session_id=session.id)
         if arguments is not None:
             arguments = validate_tool_arguments(pending.tool, arguments)
         decided = pending.decide(
@@ -83,6 +84,7 @@ async def expire_approvals(deps: ServiceDeps, *, limit: int = 100) -> int:
     expired = 0
     for approval in due:
         async with deps.uow_factory() as uow:
+            await uow.runs.lock(approval.run_id)  # the run first, then its approval
             if not await uow.approvals.expire(approval.id, reason=EXPIRED_REASON, at=now):
                 continue  # decided in the meantime
             decided = await uow.approvals.get(approval.id, session_id=approval.session_id)
@@ -94,6 +96,24 @@ async def expire_approvals(deps: ServiceDeps, *, limit: int = 100) -> int:
     if expired:
         deps.broker.work_available()
     return expired
+
+
+async def _get_under_run_lock(
+    uow: UnitOfWork, approval_id: ApprovalId, *, session_id: SessionId
+) -> Approval:
+    """The approval as it is once its run's row is locked; NotFound if there is none.
+
+    The run first, then its approval: the one lock order (a cancel takes the same), so a
+    decision racing a cancel or an expiry waits for it instead of deadlocking with it.
+    """
+    found = await uow.approvals.get(approval_id, session_id=session_id)
+    if found is not None and found.status is ApprovalStatus.PENDING:
+        await uow.runs.lock(found.run_id)
+        # Read again: a cancel, an expiry or another decision may have committed meanwhile.
+        found = await uow.approvals.get(approval_id, session_id=session_id)
+    if found is None:
+        raise NotFound(APPROVAL_NOT_FOUND)
+    return found
 
 
 async def _resolve(uow: UnitOfWork, deps: ServiceDeps, decided: Approval) -> None:

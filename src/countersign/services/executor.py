@@ -7,7 +7,8 @@ approval, or finish.
 
 - Every write of a run names the lease (owner and attempt) and the ``running`` status; a
   process that lost its lease (paused, cancelled, taken over) writes nothing and stops.
-- A heartbeat pushes the lease out; runs of a dead process become claimable when their
+- One lease keeper per process pushes out the leases of all its runs (one statement per
+  round, not one per run); runs of a dead process become claimable when their
   lease runs out (PostgreSQL), or at once when the server starts (SQLite: one process).
 - Before a tool runs, its ``tool.call`` event is committed; after, its ``tool.result``. A
   retried attempt that finds a tool call after the last history checkpoint does not run
@@ -19,13 +20,14 @@ approval, or finish.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
-from datetime import timedelta
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +49,15 @@ from countersign.agent.runner import (
 )
 from countersign.agent.tools import ToolLimits
 from countersign.db.uow import UnitOfWork
-from countersign.domain.errors import CountersignError, LeaseLost
-from countersign.domain.events import EventType, NewEvent, RunEvent, assistant_text, text_delta
+from countersign.domain.errors import CountersignError, LeaseLost, Unavailable
+from countersign.domain.events import (
+    EventType,
+    NewEvent,
+    RunBatch,
+    RunEvent,
+    assistant_text,
+    text_delta,
+)
 from countersign.domain.models import (
     Agent,
     Approval,
@@ -59,18 +68,33 @@ from countersign.domain.models import (
     Lease,
     MessageId,
     MessageRole,
+    Run,
     RunId,
     RunStatus,
+    SessionId,
     ToolSetting,
     TurnContext,
 )
 from countersign.services import ServiceDeps
 from countersign.services.approvals import expire_approvals
+from countersign.services.writer import WRITER_LOOP, EventWriter
+from countersign.supervisor import Loop, Supervisor
 
 logger = logging.getLogger(__name__)
 
 DELTAS_PER_BATCH = 64
 MAX_CACHED_AGENTS = 1_000
+MAX_CACHED_HISTORIES = 256
+"""Sessions whose model history (parsed) this process keeps for their next turn."""
+MAX_CACHED_MESSAGES = 20_000
+"""And at most this many messages in all of them (a few long sessions must not fill memory)."""
+MAX_OPEN_MODELS = 32
+"""Opened models (each holds an HTTP connection pool) kept per process; the least recently
+used one that no turn is using is closed when another is needed."""
+EXECUTOR_LOOP = "executor"
+LEASE_LOOP = "lease keeper"
+STOP_SECONDS = 10.0
+"""How long stopping waits for the cancelled turns (a tool records its stop meanwhile)."""
 
 
 def executor_name() -> str:
@@ -89,18 +113,37 @@ class ExecutorOptions:
     workspace_root: Path
     model_options: ModelOptions
     tool_limits: ToolLimits
+    max_attempts: int = 5
 
 
 class Executor:
     """Carries out runs in background tasks owned by the application's lifespan."""
 
-    def __init__(self, deps: ServiceDeps, options: ExecutorOptions, *, name: str) -> None:
+    def __init__(
+        self,
+        deps: ServiceDeps,
+        options: ExecutorOptions,
+        *,
+        name: str,
+        supervisor: Supervisor,
+    ) -> None:
         self.deps = deps
         self.options = options
         self.name = name
+        self.supervisor = supervisor
         self._tasks: set[asyncio.Task[None]] = set()
-        self._loop_task: asyncio.Task[None] | None = None
-        self._models: dict[str, AgentModel] = {}
+        self._reserved = 0
+        self._turns: dict[RunId, _Turn] = {}
+        """The turns in progress, by run: whose leases the lease keeper renews."""
+        """Slots promised to runs being started by requests of this process (``reserve``)."""
+        self._stopping = False
+        self.writer = EventWriter(deps)
+        self._models = _OpenModels(options.model_options)
+        self._histories: OrderedDict[SessionId, tuple[tuple[int, RunId | None], list[Any]]] = (
+            OrderedDict()
+        )
+        """Per session: the history length and messages its last turn here ended with."""
+        self._cached_messages = 0
         self._agents: dict[tuple[str, str, tuple[ToolSetting, ...]], TurnAgent] = {}
 
     async def start(self, *, single_process: bool) -> None:
@@ -113,56 +156,186 @@ class Executor:
                 await uow.commit()
             if count:
                 logger.warning("recovering %d run(s) left running by a stopped server", count)
-        self._loop_task = asyncio.create_task(self._claim_loop(), name="executor")
+        self.supervisor.start(WRITER_LOOP, self.writer.run)
+        self.supervisor.start(
+            LEASE_LOOP, self._keep_leases, stale_after=max(10.0, self.options.lease_seconds)
+        )
+        # Stuck if it has not polled for five polls (and at least ten seconds): readiness 503.
+        self.supervisor.start(
+            EXECUTOR_LOOP,
+            self._claim_loop,
+            stale_after=max(10.0, 5 * self.options.poll_seconds),
+        )
 
     async def stop(self) -> None:
-        """Stop claiming and cancel the turns in progress (their runs will be recovered)."""
-        tasks = [task for task in (self._loop_task, *self._tasks) if task is not None]
+        """Stop claiming, cancel the turns in progress (their runs will be recovered), then
+        stop the writer (which the turns' last writes still need) and close the models."""
+        self._stopping = True
+        await self.supervisor.stop_loop(EXECUTOR_LOOP)
+        await self.supervisor.stop_loop(LEASE_LOOP)
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        models, self._models = list(self._models.values()), {}
-        await asyncio.gather(*(close_model(model) for model in models), return_exceptions=True)
+        if tasks:
+            _done, stuck = await asyncio.wait(tasks, timeout=STOP_SECONDS)
+            if stuck:
+                logger.warning("%d run(s) did not stop within %s s", len(stuck), STOP_SECONDS)
+        self.writer.stop()
+        await self.supervisor.stop_loop(WRITER_LOOP)
+        await self._models.close_all()
 
-    async def turn_agent(self, profile: Agent) -> TurnAgent:
-        """The runnable agent for a profile, built once per process and profile version."""
+    async def turn_agent(self, profile: Agent) -> tuple[TurnAgent, str]:
+        """The runnable agent for a profile (built once per process and profile version) and
+        the model it holds in use; give the model back with ``release_model``."""
+        model = await self._models.take(profile.model)
         key = (profile.model, profile.instructions, profile.tools)
-        if key not in self._agents:
-            if profile.model not in self._models:
-                # Opened once per process: an opened model keeps its HTTP connection pool.
-                model = await open_model(profile.model, self.options.model_options)
-                if profile.model in self._models:  # another turn opened it meanwhile
-                    await close_model(model)
-                else:
-                    self._models[profile.model] = model
+        agent = self._agents.get(key)
+        if agent is None or agent.model is not model:
             if len(self._agents) >= MAX_CACHED_AGENTS:
                 self._agents.clear()
-            self._agents[key] = build_agent(
-                self._models[profile.model], instructions=profile.instructions, tools=profile.tools
-            )
-        return self._agents[key]
+            agent = build_agent(model, instructions=profile.instructions, tools=profile.tools)
+            self._agents[key] = agent
+        return agent, profile.model
 
-    async def _claim_loop(self) -> None:
+    # -- runs handed over by requests of this process (services.LocalExecutor) ---------------
+
+    def reserve(self, *, now: datetime) -> Lease | None:
+        """A lease for a run a request is starting, if a slot is free."""
+        if self._stopping or self._free_slots() <= 0:
+            return None
+        self._reserved += 1
+        return Lease(owner=self.name, attempt=1)
+
+    def unreserve(self) -> None:
+        """The reserved run was not started after all."""
+        self._reserved -= 1
+
+    def lease_until(self, now: datetime) -> datetime:
+        """When a lease taken now runs out."""
+        return now + timedelta(seconds=self.options.lease_seconds)
+
+    def hand_off(self, run: Run, *, lease: Lease, context: TurnContext) -> None:
+        """Carry out a run its request committed as claimed by us: the context it read in
+        that transaction is all a first attempt needs."""
+        self._reserved -= 1
+        if self._stopping:
+            return  # the run keeps its lease until it runs out; then it is claimed again
+        claimed = ClaimedRun(run=run, lease=lease, history_seq=None, last_seq=0, checkpoint_seq=0)
+        history = self._cached_history(run.session_id, context.history_length, context.history_tail)
+        self._spawn(claimed, _Start(context, history=history))
+
+    # -- the sessions' model histories, kept for their next turn ----------------------------
+
+    def _cached_history(
+        self, session_id: SessionId, length: int, tail: RunId | None
+    ) -> Sequence[Any] | None:
+        """The session's history as this process's last turn of it left it, if the stored
+        one is still that: the same length, its newest message stored by the same run."""
+        if length == 0:
+            return []
+        found = self._histories.get(session_id)
+        if found is None or found[0] != (length, tail):
+            return None
+        self._histories.move_to_end(session_id)
+        return found[1]
+
+    def remember_history(
+        self, session_id: SessionId, *, length: int, tail: RunId | None, messages: list[Any]
+    ) -> None:
+        """Keep a session's history (pydantic-ai messages) for its next turn here."""
+        self.forget_history(session_id)
+        self._histories[session_id] = ((length, tail), list(messages))
+        self._cached_messages += len(messages)
+        while self._histories and (
+            len(self._histories) > MAX_CACHED_HISTORIES
+            or self._cached_messages > MAX_CACHED_MESSAGES
+        ):
+            _key, (_length, evicted) = self._histories.popitem(last=False)
+            self._cached_messages -= len(evicted)
+
+    def forget_history(self, session_id: SessionId) -> None:
+        """The session's stored history changed in a way this process did not follow."""
+        found = self._histories.pop(session_id, None)
+        if found is not None:
+            self._cached_messages -= len(found[1])
+
+    async def history_of(
+        self, session_id: SessionId, *, length: int, tail: RunId | None
+    ) -> Sequence[Any]:
+        """The session's first ``length`` model messages: kept here, or read."""
+        cached = self._cached_history(session_id, length, tail)
+        if cached is not None:
+            return cached
+        async with self.deps.uow_factory(write=False) as uow:
+            return await uow.history.load(session_id, upto=length)
+
+    def _free_slots(self) -> int:
+        return self.options.concurrency - len(self._tasks) - self._reserved
+
+    def _spawn(self, claimed: ClaimedRun, start: _Start) -> None:
+        task = asyncio.create_task(self._carry_out(claimed, start), name=f"run {claimed.run.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def release_model(self, name: str) -> None:
+        """A turn no longer uses this model."""
+        self._models.give_back(name)
+
+    async def _claim_loop(self, loop: Loop) -> None:
+        # Any other error ends this call; the supervisor logs it and starts it again.
         next_expiry = 0.0
         while True:
             try:
                 if time.monotonic() >= next_expiry:
                     next_expiry = time.monotonic() + self.options.poll_seconds
                     await expire_approvals(self.deps)
-                while (free := self.options.concurrency - len(self._tasks)) > 0:
-                    claimed = await self._claim(free)
+                while (free := self._free_slots()) > 0:
+                    # Held while the claim runs, so that requests do not reserve them too.
+                    self._reserved += free
+                    try:
+                        claimed = await self._claim(free)
+                    finally:
+                        self._reserved -= free
                     for run, start in claimed:
-                        task = asyncio.create_task(
-                            self._carry_out(run, start), name=f"run {run.run.id}"
-                        )
-                        self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
+                        self._spawn(run, start)
                     if len(claimed) < free:
                         break  # nothing more is waiting
+                loop.working()
             except CountersignError as error:
                 # The database is busy or away; the next poll tries again.
+                loop.last_error = error.message
                 logger.warning("executor could not claim work: %s", error.message)
             await self.deps.broker.wait_for_work(self.options.poll_seconds)
+
+    async def _keep_leases(self, loop: Loop) -> None:
+        """Renew the leases of every run this process carries out, in one statement per
+        ``lease_seconds / 3`` (not one per run); stop the turns whose lease is gone."""
+        interval = self.options.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            # A turn writing its end is left alone: its fenced write tells it if it lost.
+            held = {run_id: turn for run_id, turn in self._turns.items() if not turn.ending}
+            if held:
+                now = self.deps.clock.now()
+                try:
+                    async with self.deps.uow_factory() as uow:
+                        kept = await uow.runs.extend_leases(
+                            owner=self.name,
+                            run_ids=list(held),
+                            until=now + timedelta(seconds=self.options.lease_seconds),
+                        )
+                        await uow.commit()
+                except CountersignError as error:
+                    loop.last_error = error.message
+                    logger.warning("could not renew the runs' leases: %s", error.message)
+                    continue
+                for run_id, turn in held.items():
+                    if (run_id, turn.lease.attempt) in kept or turn.ending:
+                        continue
+                    turn.lease_lost = True
+                    if turn.task is not None:
+                        turn.task.cancel()
+            loop.working()
 
     async def _claim(self, limit: int) -> list[tuple[ClaimedRun, _Start]]:
         """Claim up to ``limit`` runs and read what their turns need, in one transaction."""
@@ -174,32 +347,103 @@ class Executor:
                 lease_until=now + timedelta(seconds=self.options.lease_seconds),
                 limit=limit,
             )
-            starts = [await _read_start(uow, run) for run in claimed]
+            starts = [
+                await _read_start(uow, run, self.options.max_attempts, self._cached_history)
+                for run in claimed
+            ]
             await uow.commit()
         return list(zip(claimed, starts, strict=True))
 
     async def _carry_out(self, claimed: ClaimedRun, start: _Start) -> None:
         turn = _Turn(self, claimed, start)
-        heartbeat = asyncio.create_task(turn.heartbeat(asyncio.current_task()))
+        turn.task = asyncio.current_task()
+        self._turns[turn.run_id] = turn
         try:
             await turn.carry_out()
         except LeaseLost:
             logger.info("run %s was taken over or ended elsewhere; letting go", claimed.run.id)
         except CountersignError as error:
-            # E.g. the database went away mid-turn: the lease runs out and a retry follows.
-            logger.warning("run %s stopped: %s", claimed.run.id, error.message)
+            # E.g. the database went away mid-turn: the run is handed back (or its lease runs
+            # out) and another attempt follows, up to the run's maximum.
+            logger.warning(
+                "run %s stopped (attempt %d): %s; it will be tried again",
+                claimed.run.id,
+                claimed.lease.attempt,
+                error.message,
+            )
+            await turn.hand_back()
         except asyncio.CancelledError:
             if not turn.lease_lost:
                 raise
-            # The heartbeat found the lease gone and stopped the turn: say so, as above.
+            # The lease keeper found the lease gone and stopped the turn: say so, as above.
             logger.info("run %s was taken over or ended elsewhere; letting go", claimed.run.id)
+        except Exception:
+            # A bug in this process: the run is failed with a sentence (never the error's own
+            # text, which may quote data); the traceback goes to the log with the run's id.
+            logger.exception("run %s failed unexpectedly", claimed.run.id)
+            await turn.fail_quietly(UNEXPECTED_FAILURE)
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-        if len(self._tasks) >= self.options.concurrency:
+            if self._turns.get(turn.run_id) is turn:
+                del self._turns[turn.run_id]
+            if turn.flush_task is not None:
+                turn.flush_task.cancel()
+        if self._free_slots() <= 0:
             # The claim loop stopped at capacity; this slot is free now.
             self.deps.broker.work_available()
+
+
+UNEXPECTED_FAILURE = "the agent failed unexpectedly; the server's log has the details"
+
+
+class _OpenModels:
+    """Opened models by name, at most ``MAX_OPEN_MODELS``, least recently used closed first.
+
+    A model in use by a turn is never closed; names are user-supplied (agent profiles), so
+    the cache must not grow with them.
+    """
+
+    def __init__(self, options: ModelOptions) -> None:
+        self._options = options
+        self._open: OrderedDict[str, AgentModel] = OrderedDict()
+        self._in_use: dict[str, int] = {}
+        self._lock = asyncio.Lock()
+
+    async def take(self, name: str) -> AgentModel:
+        """The opened model of that name, marked in use."""
+        async with self._lock:
+            model = self._open.get(name)
+            if model is None:
+                await self._make_room()
+                # Opened once per process: an opened model keeps its HTTP connection pool.
+                model = await open_model(name, self._options)
+                self._open[name] = model
+            self._open.move_to_end(name)
+            self._in_use[name] = self._in_use.get(name, 0) + 1
+            return model
+
+    def give_back(self, name: str) -> None:
+        """One turn less uses the model."""
+        left = self._in_use.get(name, 0) - 1
+        if left > 0:
+            self._in_use[name] = left
+        else:
+            self._in_use.pop(name, None)
+
+    async def _make_room(self) -> None:
+        while len(self._open) >= MAX_OPEN_MODELS:
+            idle = next((name for name in self._open if name not in self._in_use), None)
+            if idle is None:
+                return  # every open model is busy: go over the bound for a while
+            model = self._open.pop(idle)
+            try:
+                await close_model(model)
+            except Exception:
+                logger.exception("closing the model %s failed", idle)
+
+    async def close_all(self) -> None:
+        """Close every opened model (the server stops)."""
+        models, self._open = list(self._open.values()), OrderedDict()
+        await asyncio.gather(*(close_model(model) for model in models), return_exceptions=True)
 
 
 class _Turn:
@@ -218,19 +462,38 @@ class _Turn:
         self.flush_task: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
         self.lease_lost = False
+        self.task: asyncio.Task[Any] | None = None
+        self.ending = False
+        """Set when the turn starts writing its end (pause, finish, fail)."""
         self.tools_running = 0
-        self.tools_since_checkpoint = claimed.history is not None
+        self.tools_since_checkpoint = claimed.history_seq is not None
         """Whether a tool may have run since the stored checkpoint (a resumed run: decided)."""
-        self.deferred_checkpoint: tuple[list[Any], int] | None = None
-        """A checkpoint to store with the next batch: its history, and how many queued
-        events it covers."""
+        self.deferred_checkpoint: tuple[_Messages, int] | None = None
+        """A checkpoint to store with the next batch, and how many queued events it covers."""
+        self.history_base = (
+            start.context.history_length if claimed.history_seq is None else claimed.history_seq
+        )
+        """How many of the session's model messages the turn started from."""
+        self.stored_length = self.history_base
+        """How many of the session's model messages are stored, as far as this turn knows."""
+        self.last_stored: _Messages | None = None
+        """What this turn stored last (its position and messages)."""
+        self.tail: RunId | None = (
+            start.context.history_tail if claimed.history_seq is None else claimed.run.id
+        )
+        """The run that stored the session's newest model message."""
         self.streamed = False
         """Whether this attempt has streamed any text yet."""
+        self.write_error: CountersignError | None = None
+        """Why a write failed: the turn stops at its next step (nothing is written twice,
+        since a failed commit may have committed after all)."""
 
     # -- the sink -------------------------------------------------------------------------
 
     async def text(self, delta: str) -> None:
         """Queue a text delta; commit a batch when it is full or the interval has passed."""
+        if self.write_error is not None:
+            raise self.write_error
         self.pending.append(text_delta(delta))
         self.pending_deltas += 1
         first = not self.streamed
@@ -265,40 +528,44 @@ class _Turn:
         else:
             self.pending.append(event)
 
-    async def checkpoint(self, history: list[Any]) -> None:
-        """Store the history (and the events before it) so a retry continues from here.
+    async def checkpoint(self, start: int, messages: list[Any]) -> None:
+        """Store the turn's new messages (and the events before them) so a retry continues
+        from here.
 
         With no tool call since the last stored checkpoint, a retry from the older one repeats
         nothing but model calls: this one then goes with the next batch, a transaction fewer.
         """
         if self.tools_since_checkpoint:
-            await self._write([], values={"history": history}, checkpoint=True)
+            await self._write([], checkpoint=_Messages(start, messages))
         else:
-            self.deferred_checkpoint = (history, len(self.pending))
+            self.deferred_checkpoint = (_Messages(start, messages), len(self.pending))
 
     # -- the turn -------------------------------------------------------------------------
 
-    async def heartbeat(self, turn_task: asyncio.Task[Any] | None) -> None:
-        """Push the lease out until cancelled; cancel the turn if the lease is gone."""
-        interval = self.executor.options.lease_seconds / 3
-        while True:
-            await asyncio.sleep(interval)
-            now = self.deps.clock.now()
-            try:
-                async with self.deps.uow_factory() as uow:
-                    await uow.runs.extend_lease(
-                        self.run_id,
-                        self.lease,
-                        until=now + timedelta(seconds=self.executor.options.lease_seconds),
-                    )
-                    await uow.commit()
-            except LeaseLost:
-                self.lease_lost = True
-                if turn_task is not None:
-                    turn_task.cancel()
-                return
-            except CountersignError as error:
-                logger.warning("heartbeat of run %s failed: %s", self.run_id, error.message)
+    async def hand_back(self) -> None:
+        """Give the run up so that a retry need not wait for the lease to run out (best
+        effort: when the database is away, the lease runs out by itself)."""
+        try:
+            async with self.deps.uow_factory() as uow:
+                await uow.runs.release_lease(self.run_id, self.lease, at=self.deps.clock.now())
+                await uow.commit()
+        except CountersignError as error:
+            logger.info(
+                "run %s could not be handed back (%s); its lease will run out",
+                self.run_id,
+                error.message,
+            )
+        except Exception:
+            logger.exception("run %s could not be handed back", self.run_id)
+
+    async def fail_quietly(self, reason: str) -> None:
+        """Fail the run with ``reason``, or leave it to its lease if even that is impossible."""
+        try:
+            await self._fail(reason)
+        except CountersignError as error:
+            logger.warning("run %s could not be failed: %s", self.run_id, error.message)
+        except Exception:
+            logger.exception("run %s could not be failed", self.run_id)
 
     async def carry_out(self) -> None:
         """Run the turn to a pause, an answer or a failure."""
@@ -312,48 +579,99 @@ class _Turn:
         if self.start.interrupted:
             await self._fail(self.start.interrupted)
             return
+        model_name: str | None = None
         try:
-            request = await self._request(self.start.context, self.start.approvals)
+            request, model_name = await self._request(self.start.context, self.start.approvals)
             outcome = await run_turn(request, self)
-        except LeaseLost:
+        except (LeaseLost, Unavailable, asyncio.CancelledError):
+            # The database, not the model: the run is tried again (up to its maximum).
             raise
-        except asyncio.CancelledError:
-            raise
+        except CountersignError as error:
+            # Written for a person (e.g. a model that needs a key nobody configured).
+            await self._fail(error.message)
+            return
         except Exception as error:
             reason = describe_model_error(error)
             if reason is None:
-                logger.exception("run %s failed", self.run_id)
-                reason = f"the agent failed: {type(error).__name__}: {error}"[:500]
+                raise  # a bug: _carry_out logs it and fails the run with a plain sentence
             await self._fail(reason)
             return
+        finally:
+            if model_name is not None:
+                self.executor.release_model(model_name)
         if outcome.requests:
             await self._pause(outcome)
         else:
             await self._finish(outcome)
 
-    async def _request(self, context: TurnContext, approvals: tuple[Approval, ...]) -> TurnRequest:
+    async def _request(
+        self, context: TurnContext, approvals: tuple[Approval, ...]
+    ) -> tuple[TurnRequest, str]:
         options = self.executor.options
-        history = self.claimed.history
         answers: dict[str, Answer] = {}
         prompt: str | None = None
+        history = self.start.history
         if history is None:
-            history, prompt = context.prior_history, context.prompt
+            history = await self.executor.history_of(
+                self.claimed.run.session_id, length=self.history_base, tail=context.history_tail
+            )
+        if self.claimed.history_seq is None:
+            prompt = context.prompt
         else:
             open_calls = set(open_tool_calls(history))
             for approval in approvals:
                 if approval.tool_call_id in open_calls:
                     answers[approval.tool_call_id] = _answer(approval)
         workspace = options.workspace_root / str(self.claimed.run.session_id)
+        agent, model_name = await self.executor.turn_agent(context.agent)
         return TurnRequest(
-            agent=await self.executor.turn_agent(context.agent),
+            agent=agent,
             workspace=workspace,
             limits=options.tool_limits,
             history=history,
             prompt=prompt,
             answers=answers,
+        ), model_name
+
+    def _changed(self, messages: _Messages) -> _Messages:
+        """The part of ``messages`` not already stored as it is by this turn's last write."""
+        last = self.last_stored
+        if last is None or last.start != messages.start:
+            return messages
+        same = 0
+        for old, new in zip(last.items, messages.items, strict=False):
+            if old != new:
+                break
+            same += 1
+        return _Messages(messages.start + same, messages.items[same:])
+
+    def _stored(self, messages: _Messages, changed: _Messages) -> None:
+        """Note that ``messages`` are stored (``changed`` being what was written)."""
+        self.last_stored = messages
+        self.stored_length = messages.start + len(messages.items)
+        if changed.items:
+            self.tail = self.run_id
+
+    async def _store_messages(self, uow: UnitOfWork, outcome: TurnOutcome) -> JSONObject:
+        """Store the turn's final history where it differs from what is stored; the run's
+        values that go with it."""
+        messages = _Messages(outcome.new_start, outcome.new_messages)
+        changed = self._changed(messages)
+        if changed.start < self.stored_length:
+            await uow.history.truncate(self.claimed.run.session_id, after=changed.start)
+        await uow.history.append(
+            self.claimed.run.session_id,
+            self.run_id,
+            changed.items,
+            after=changed.start,
+            at=self.deps.clock.now(),
         )
+        self._stored(messages, changed)
+        return {"history_seq": self.stored_length}
 
     async def _pause(self, outcome: TurnOutcome) -> None:
+        self.ending = True
+        self._raise_write_error()
         now = self.deps.clock.now()
         expires_at = now + timedelta(seconds=self.deps.settings.approval_ttl_seconds)
         events: list[NewEvent] = []
@@ -391,16 +709,24 @@ class _Turn:
                 written,
                 values={
                     "status": RunStatus.AWAITING_APPROVAL.value,
-                    "history": outcome.history,
+                    **await self._store_messages(uow, outcome),
                     "owner": None,
                     "lease_expires_at": None,
                 },
                 checkpoint_after=len(written),
             )
             await uow.commit()
+        self.executor.remember_history(
+            self.claimed.run.session_id,
+            length=self.stored_length,
+            tail=self.tail,
+            messages=outcome.messages,
+        )
         self.deps.broker.run_changed(self.run_id, stored)
 
     async def _finish(self, outcome: TurnOutcome) -> None:
+        self.ending = True
+        self._raise_write_error()
         now = self.deps.clock.now()
         async with self.lock, self.deps.uow_factory() as uow:
             pending = self._take_pending()
@@ -425,21 +751,31 @@ class _Turn:
                 ],
                 values={
                     "status": RunStatus.SUCCEEDED.value,
-                    "history": outcome.history,
+                    **await self._store_messages(uow, outcome),
                     "finished_at": now,
                     "owner": None,
                     "lease_expires_at": None,
                 },
             )
             await uow.commit()
+        self.executor.remember_history(
+            self.claimed.run.session_id,
+            length=self.stored_length,
+            tail=self.tail,
+            messages=outcome.messages,
+        )
         self.deps.broker.run_changed(self.run_id, stored)
 
     async def _fail(self, reason: str) -> None:
+        self.ending = True
         now = self.deps.clock.now()
         async with self.lock, self.deps.uow_factory() as uow:
+            # After a failed write the queued events may be stored already (a commit can
+            # fail after it happened): they are left out rather than risk them twice.
+            pending = [] if self.write_error is not None else self._take_pending()
             stored = await self._append(
                 uow,
-                [*self._take_pending(), NewEvent(EventType.RUN_FAILED, {"reason": reason})],
+                [*pending, NewEvent(EventType.RUN_FAILED, {"reason": reason})],
                 values={
                     "status": RunStatus.FAILED.value,
                     "error": reason,
@@ -449,7 +785,10 @@ class _Turn:
                 },
             )
             await uow.approvals.expire_pending_of_run(self.run_id, reason="the run failed", at=now)
+            # The session's history goes on from its last successful turn.
+            await uow.history.discard_run(self.run_id)
             await uow.commit()
+        self.executor.forget_history(self.claimed.run.session_id)
         self.deps.broker.run_changed(self.run_id, stored)
 
     # -- writing --------------------------------------------------------------------------
@@ -461,32 +800,65 @@ class _Turn:
     async def _flush_later(self) -> None:
         # Loops, because deltas may arrive while a batch commits; each gets committed soon.
         try:
-            while self.pending:
+            while self.pending and self.write_error is None:
                 await asyncio.sleep(self.executor.options.flush_seconds)
                 await self._write([])
-        except LeaseLost:
-            self.lease_lost = True
         except CountersignError as error:
+            # write_error is set: the turn stops at its next step, and the run is retried
+            # from its checkpoint (nothing unwritten was ever shown to anyone).
             logger.warning("could not write events of run %s: %s", self.run_id, error.message)
 
-    async def _write(
-        self, extra: list[NewEvent], *, values: JSONObject | None = None, checkpoint: bool = False
-    ) -> None:
+    def _raise_write_error(self) -> None:
+        if self.write_error is not None:
+            raise self.write_error
+
+    async def _write(self, extra: list[NewEvent], *, checkpoint: _Messages | None = None) -> None:
+        """Commit the queued events and ``extra``, with a checkpoint (or the deferred one),
+        through the process's event writer.
+
+        A write that fails stops the turn: it is not sent again, because a commit that failed
+        may have happened after all (a connection lost in the middle of COMMIT), and sending
+        it twice would store its events twice. The run is tried again from its checkpoint.
+        """
         async with self.lock:
+            self._raise_write_error()
             deferred = self.deferred_checkpoint
             events = [*self._take_pending(), *extra]
-            if not events and not values:
+            if not events and checkpoint is None:
                 return
-            checkpoint_after = len(events) if checkpoint else None
-            if deferred is not None and not checkpoint:
-                values = {**(values or {}), "history": deferred[0]}
-                checkpoint_after = deferred[1]
-            async with self.deps.uow_factory() as uow:
-                stored = await self._append(
-                    uow, events, values=values, checkpoint_after=checkpoint_after
+            messages: _Messages | None = None
+            checkpoint_after: int | None = None
+            if checkpoint is not None:
+                messages, checkpoint_after = checkpoint, len(events)
+            elif deferred is not None:
+                messages, checkpoint_after = deferred
+            batch = RunBatch(
+                run_id=self.run_id,
+                session_id=self.claimed.run.session_id,
+                lease=self.lease,
+                events=events,
+                checkpoint_after=checkpoint_after,
+            )
+            changed: _Messages | None = None
+            if messages is not None:
+                changed = self._changed(messages)
+                batch = replace(
+                    batch,
+                    values={"history_seq": messages.start + len(messages.items)},
+                    messages=changed.items,
+                    messages_after=changed.start,
+                    truncate=changed.start < self.stored_length,
                 )
-                await uow.commit()
-            if checkpoint_after is not None:
+            try:
+                # Group-committed with the other runs' batches of this process.
+                stored = await self.executor.writer.write(batch)
+            except CountersignError as error:
+                self.write_error = error
+                if isinstance(error, LeaseLost):
+                    self.lease_lost = True
+                raise
+            if messages is not None and changed is not None:
+                self._stored(messages, changed)
                 self.tools_since_checkpoint = False
             self.last_flush = time.monotonic()
         self.deps.broker.run_changed(self.run_id, stored)
@@ -518,6 +890,14 @@ class _Turn:
 
 
 @dataclass(frozen=True, slots=True)
+class _Messages:
+    """Part of a session's model history (JSON): its messages from position ``start`` on."""
+
+    start: int
+    items: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
 class _Start:
     """What a claimed attempt starts from, read in the transaction that claimed it."""
 
@@ -528,15 +908,38 @@ class _Start:
     """The run's decided approvals (a run resumed after a decision)."""
     earlier_text: str = ""
     """The reply text earlier attempts streamed before this attempt's starting point."""
+    history: Sequence[Any] | None = None
+    """The model messages the attempt continues, if already at hand (None: read them)."""
 
 
-async def _read_start(uow: UnitOfWork, claimed: ClaimedRun) -> _Start:
+async def _read_start(
+    uow: UnitOfWork,
+    claimed: ClaimedRun,
+    max_attempts: int,
+    cached: Callable[[SessionId, int, RunId | None], Sequence[Any] | None],
+) -> _Start:
     run = claimed.run
     context = await uow.runs.turn_context(run.id, session_id=run.session_id)
-    if claimed.history is None and not claimed.last_seq:
-        return _Start(context)  # a new run: nothing before it
+    if claimed.retries >= max_attempts:
+        tries = "once" if max_attempts == 1 else f"{max_attempts} times"
+        return _Start(
+            context,
+            interrupted=(
+                f"the run was tried {tries} and never finished (the server stopped or lost "
+                "the database each time); it was not tried again"
+            ),
+        )
+    length = context.history_length if claimed.history_seq is None else claimed.history_seq
+    # A kept history is only the stored one if it ends where the stored one does.
+    history = cached(run.session_id, length, context.history_tail)
+    if length != context.history_length:
+        history = None
+    if history is None:
+        history = await uow.history.load(run.session_id, upto=length)
+    if claimed.history_seq is None and not claimed.last_seq:
+        return _Start(context, history=history)  # a new run: nothing before it
     # Resumed after an approval, or retried: what the earlier attempts left.
-    approvals = await uow.approvals.for_run(run.id) if claimed.history else []
+    approvals = await uow.approvals.for_run(run.id) if claimed.history_seq is not None else []
     earlier_text = (
         assistant_text(await uow.runs.text_events(run.id), resumed_from=claimed.checkpoint_seq)
         if claimed.last_seq
@@ -547,6 +950,7 @@ async def _read_start(uow: UnitOfWork, claimed: ClaimedRun) -> _Start:
         interrupted=await _interrupted_tool_calls(uow, claimed),
         approvals=tuple(approvals),
         earlier_text=earlier_text,
+        history=history,
     )
 
 

@@ -15,6 +15,7 @@ from countersign.domain.errors import Conflict, InvalidInput, NotFound, RunActiv
 from countersign.domain.events import EventType, NewEvent, RunEvent
 from countersign.domain.models import (
     JSONObject,
+    Lease,
     Message,
     MessageId,
     MessageRole,
@@ -22,6 +23,7 @@ from countersign.domain.models import (
     RunId,
     RunStatus,
     SessionId,
+    TurnContext,
     UserId,
 )
 from countersign.services import ServiceDeps
@@ -41,6 +43,8 @@ class StartedRun:
     run: Run
     replayed: bool = False
     """An earlier request's start, answered again for the same Idempotency-Key."""
+    handed_off: bool = False
+    """Claimed for this process's executor at once (no executor needs waking)."""
 
 
 async def start_run(
@@ -72,7 +76,8 @@ async def start_run(
                     return started_from_json(response)
             await _refuse_if_active(uow, session_id)
         raise
-    deps.broker.work_available()
+    if not started.handed_off and not started.replayed:
+        deps.broker.work_available()
     return started
 
 
@@ -84,41 +89,68 @@ async def _start_run(
     content: str,
     idempotency: IdempotentRequest | None,
 ) -> StartedRun:
-    async with deps.uow_factory() as uow:
-        if idempotency is not None:
-            response = await stored_response(uow, user_id=actor, request=idempotency)
-            if response is not None:
-                return started_from_json(response)
-        session = await uow.sessions.get_owned(session_id, owner=actor)
-        if session is None:
-            raise NotFound(SESSION_NOT_FOUND)
-        # No look for an active run first: the unique index on a session's active run
-        # refuses the insert (Conflict), and start_run then says which run is active.
-        now = deps.clock.now()
-        run = Run(
-            id=RunId(deps.new_id()),
-            session_id=session.id,
-            status=RunStatus.QUEUED,
-            attempt=0,
-            error=None,
-            created_at=now,
-            finished_at=None,
-        )
-        await uow.runs.add(run, at=now)
-        message = await uow.messages.add_next(
-            message_id=MessageId(deps.new_id()),
-            session_id=session.id,
-            role=MessageRole.USER,
-            content=content,
-            run_id=run.id,
-            at=now,
-        )
-        started = StartedRun(message=message, run=run)
-        if idempotency is not None:
-            await remember_response(
-                uow, deps, user_id=actor, request=idempotency, response=started_to_json(started)
+    executor = deps.executor
+    lease: Lease | None = None
+    handed: tuple[Run, TurnContext] | None = None
+    try:
+        async with deps.uow_factory() as uow:
+            if idempotency is not None:
+                response = await stored_response(uow, user_id=actor, request=idempotency)
+                if response is not None:
+                    return started_from_json(response)
+            session = await uow.sessions.get_owned(session_id, owner=actor)
+            if session is None:
+                raise NotFound(SESSION_NOT_FOUND)
+            # No look for an active run first: the unique index on a session's active run
+            # refuses the insert (Conflict), and start_run then says which run is active.
+            now = deps.clock.now()
+            # With a free slot in this process's executor the run is claimed right here, in
+            # this transaction, and handed over in memory: no claim, no read-back, no poll.
+            lease = None if executor is None else executor.reserve(now=now)
+            run = Run(
+                id=RunId(deps.new_id()),
+                session_id=session.id,
+                status=RunStatus.QUEUED if lease is None else RunStatus.RUNNING,
+                attempt=0 if lease is None else lease.attempt,
+                error=None,
+                created_at=now,
+                finished_at=None,
             )
-        await uow.commit()
+            await uow.runs.add(
+                run,
+                at=now,
+                owner=None if lease is None else lease.owner,
+                lease_until=None
+                if executor is None or lease is None
+                else executor.lease_until(now),
+            )
+            message = await uow.messages.add_next(
+                message_id=MessageId(deps.new_id()),
+                session_id=session.id,
+                role=MessageRole.USER,
+                content=content,
+                run_id=run.id,
+                at=now,
+            )
+            context = None
+            if lease is not None:
+                context = await uow.runs.turn_context(run.id, session_id=session.id)
+            started = StartedRun(message=message, run=run, handed_off=lease is not None)
+            if idempotency is not None:
+                await remember_response(
+                    uow, deps, user_id=actor, request=idempotency, response=started_to_json(started)
+                )
+            await uow.commit()
+            if context is not None:
+                handed = (run, context)
+    finally:
+        # Whatever happens after the commit (even this request being cancelled), a run
+        # committed as ours is handed over; a reserved slot is never lost.
+        if executor is not None and lease is not None:
+            if handed is not None:
+                executor.hand_off(handed[0], lease=lease, context=handed[1])
+            else:
+                executor.unreserve()
     return started
 
 
@@ -180,6 +212,8 @@ async def cancel_run(
             raise Conflict(f"run {run.id} has already ended ({run.status.value})")
         now = deps.clock.now()
         reason = "cancelled by the user"
+        # The run first (this UPDATE locks it), then its approvals: the one lock order that
+        # decisions and expiries take too (RunRepository.lock), so none of them deadlock.
         await uow.runs.append(
             run.id,
             [NewEvent(EventType.RUN_FAILED, {"reason": reason, "status": "cancelled"})],
@@ -194,6 +228,8 @@ async def cancel_run(
             },
         )
         await uow.approvals.expire_pending_of_run(run.id, reason="the run was cancelled", at=now)
+        # The session's history goes on from its last successful turn.
+        await uow.history.discard_run(run.id)
         cancelled = await uow.runs.get(run.id, session_id=session_id)
         await uow.commit()
     deps.broker.run_changed(run.id)
@@ -212,12 +248,18 @@ def started_to_json(started: StartedRun) -> JSONObject:
             "content": message.content,
             "created_at": message.created_at.isoformat(),
         },
-        "run": {"id": str(run.id), "created_at": run.created_at.isoformat()},
+        "run": {
+            "id": str(run.id),
+            "created_at": run.created_at.isoformat(),
+            "status": run.status.value,
+            "attempt": run.attempt,
+        },
     }
 
 
 def started_from_json(data: JSONObject) -> StartedRun:
-    """A start back from its stored form (the run as it was then: queued)."""
+    """A start back from its stored form (the run as it was then: queued, or running when
+    this process's executor took it at once)."""
     message, run = data["message"], data["run"]
     run_id = RunId(uuid.UUID(run["id"]))
     session_id = SessionId(uuid.UUID(message["session_id"]))
@@ -234,8 +276,8 @@ def started_from_json(data: JSONObject) -> StartedRun:
         run=Run(
             id=run_id,
             session_id=session_id,
-            status=RunStatus.QUEUED,
-            attempt=0,
+            status=RunStatus(run.get("status", RunStatus.QUEUED.value)),
+            attempt=int(run.get("attempt", 0)),
             error=None,
             created_at=datetime.fromisoformat(run["created_at"]),
             finished_at=None,

@@ -88,15 +88,22 @@ async def send_message(
         content=body.content,
         idempotency=request,
     )
+    # The run is named before the first event, so a client whose stream breaks early can
+    # resume it (GET .../events with Last-Event-ID).
+    location = f"/api/v1/sessions/{started.run.session_id}/runs/{started.run.id}"
     if accept is not None and "text/event-stream" in accept:
         stream: EventSourceResponse = run_event_stream(
             services, started.run.id, new_run=not started.replayed
         )
+        stream.headers["Location"] = location
         return stream
     out = RunStartedOut(
         message=MessageOut.model_validate(started.message),
         run=RunOut.model_validate(started.run),
     )
     return Response(
-        out.model_dump_json(), status_code=status.HTTP_202_ACCEPTED, media_type="application/json"
+        out.model_dump_json(),
+        status_code=status.HTTP_202_ACCEPTED,
+        media_type="application/json",
+        headers={"Location": location},
     )

@@ -1,0 +1,164 @@
+"""PostgreSQL stops under load and comes back: the server answers 503 meanwhile and then goes
+on by itself — no restart, no run left queued or running for good.
+
+The outage is real: a PostgreSQL of the test's own is stopped with a fast shutdown (what
+``pg_ctl stop -m fast`` does: open connections are cut, new ones are refused with "the
+database system is shutting down") while turns are in flight, and started again on the same
+address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from countersign.app import create_app
+from countersign.services import ServiceDeps
+from countersign.services.accounts import create_api_key, create_user
+from tests.conftest import make_settings
+from tests.services.test_runs import wait_until
+from tests.support import postgres
+from tests.support.databases import migrate
+
+WAIT = 60.0
+ENDED = ("succeeded", "failed", "cancelled")
+
+
+class Load:
+    """Sessions that keep sending demo messages; records every answer's status."""
+
+    def __init__(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+        self.client = client
+        self.headers = headers
+        self.statuses: list[int] = []
+        self.runs: list[tuple[str, str]] = []
+        self.stopping = False
+
+    async def session(self) -> None:
+        session_id: str | None = None
+        while not self.stopping:
+            try:
+                if session_id is None:
+                    created = await self.client.post(
+                        "/api/v1/sessions", json={}, headers=self.headers
+                    )
+                    self.statuses.append(created.status_code)
+                    if created.status_code == 201:
+                        session_id = created.json()["id"]
+                    continue
+                sent = await self.client.post(
+                    f"/api/v1/sessions/{session_id}/messages",
+                    json={"content": "a few words to stream back"},
+                    headers=self.headers,
+                )
+                self.statuses.append(sent.status_code)
+                if sent.status_code == 202:
+                    self.runs.append((session_id, sent.json()["run"]["id"]))
+            finally:
+                await asyncio.sleep(0.05)
+
+
+async def run_status(
+    client: httpx.AsyncClient, headers: dict[str, str], ids: tuple[str, str]
+) -> Any:
+    session_id, run_id = ids
+    answer = await client.get(f"/api/v1/sessions/{session_id}/runs/{run_id}", headers=headers)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+@pytest.mark.backends("postgres")
+async def test_postgres_stopped_and_started_under_load_needs_no_restart(
+    backend: str, own_postgres: postgres.PostgresServer, tmp_path: Path
+) -> None:
+    await own_postgres.create_database("countersign")
+    url = own_postgres.url("countersign")
+    await migrate(url)
+    settings = make_settings(
+        url,
+        workspace_root=tmp_path / "ws",
+        executor_poll_seconds=0.2,
+        run_lease_seconds=2,
+        db_pool_timeout=2,
+        db_connect_timeout=2,
+    )
+    app = create_app(settings)
+    async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30):
+        services: ServiceDeps = app.state.services
+        await create_user(services, email="outage@example.test", password="correct horse battery")
+        _key, secret = await create_api_key(services, email="outage@example.test", name="t")
+        headers = {"Authorization": f"Bearer {secret}"}
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cs.test") as client:
+            load = Load(client, headers)
+            sessions = [asyncio.create_task(load.session()) for _ in range(4)]
+            await wait_until(
+                lambda: asyncio.sleep(0, len(load.runs) >= 8), what="8 runs", within=WAIT
+            )
+
+            await asyncio.to_thread(own_postgres.stop)
+            outage_started = time.monotonic()
+            down = await client.get("/health/ready")
+            assert down.status_code == 503
+            during: list[httpx.Response] = []
+            async with asyncio.timeout(WAIT):
+                while time.monotonic() - outage_started < 3:
+                    started = time.monotonic()
+                    during.append(await client.get("/api/v1/sessions", headers=headers))
+                    # Never a hang past the pool and connect timeouts.
+                    assert time.monotonic() - started < 10
+            for answer in during:
+                assert answer.status_code == 503, answer.text
+                assert answer.json()["error"]["code"] == "unavailable"
+                assert answer.headers["Retry-After"]
+            await asyncio.to_thread(own_postgres.start)
+
+            # Ready again without a restart, once the executor claims again.
+            async def ready() -> bool:
+                return (await client.get("/health/ready")).status_code == 200
+
+            await wait_until(ready, what="readiness", within=WAIT, every=0.1)
+            load.stopping = True
+            async with asyncio.timeout(WAIT):
+                await asyncio.gather(*sessions)
+
+            assert 500 not in load.statuses, load.statuses
+            assert set(load.statuses) <= {201, 202, 409, 503}, set(load.statuses)
+
+            # Every run, in flight during the outage or sent around it, ends by itself.
+            async def all_ended() -> list[Any] | None:
+                runs = [await run_status(client, headers, ids) for ids in load.runs]
+                return runs if all(run["status"] in ENDED for run in runs) else None
+
+            runs = await wait_until(all_ended, what="every run to end", within=WAIT, every=0.2)
+            for run in runs:
+                if run["status"] == "failed":
+                    assert run["error"], run
+                    assert "SQL" not in run["error"], run
+            assert sum(run["status"] == "succeeded" for run in runs) >= 8
+
+            # And new turns complete.
+            created = await client.post("/api/v1/sessions", json={}, headers=headers)
+            assert created.status_code == 201, created.text
+            session_id = created.json()["id"]
+            sent = await client.post(
+                f"/api/v1/sessions/{session_id}/messages",
+                json={"content": "after the outage"},
+                headers=headers,
+            )
+            assert sent.status_code == 202, sent.text
+            ids = (session_id, sent.json()["run"]["id"])
+
+            async def succeeded() -> bool:
+                return bool((await run_status(client, headers, ids))["status"] == "succeeded")
+
+            await wait_until(succeeded, what="the new run", within=WAIT, every=0.1)
+            messages = await client.get(f"/api/v1/sessions/{session_id}/messages", headers=headers)
+            assert messages.json()["items"][-1]["content"] == "You said: after the outage"
+            assert app.state.supervisor.problems() == []
