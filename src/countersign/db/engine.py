@@ -29,6 +29,8 @@ from countersign.config import Settings
 
 IMMEDIATE = "countersign_immediate"
 """Execution option: start this connection's transaction with BEGIN IMMEDIATE (SQLite)."""
+NO_TRANSACTION = "countersign_no_transaction"
+"""Execution option: emit no BEGIN (SQLite): each statement is its own transaction."""
 
 
 def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
@@ -84,8 +86,10 @@ def _sqlite_engine(url: URL, settings: Settings) -> AsyncEngine:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        immediate = connection.get_execution_options().get(IMMEDIATE, False)
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        options = connection.get_execution_options()
+        if options.get(NO_TRANSACTION, False):
+            return  # the driver is in autocommit mode: each statement stands alone
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if options.get(IMMEDIATE, False) else "BEGIN")
 
     return engine
 

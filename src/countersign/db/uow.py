@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from countersign.db.engine import IMMEDIATE
+from countersign.db.engine import IMMEDIATE, NO_TRANSACTION
 from countersign.db.errors import translate_error
 from countersign.db.repositories import (
     AccessTokenRepository,
@@ -57,11 +57,13 @@ class UnitOfWork:
         *,
         is_sqlite: bool,
         write: bool,
+        transaction: bool = True,
         writer_lock: WriterLock | None = None,
     ) -> None:
         self._session_factory = session_factory
         self._is_sqlite = is_sqlite
         self._write = write
+        self._transaction = transaction or write
         self._writer_lock = writer_lock if is_sqlite and write else None
         self._db_session: AsyncSession | None = None
 
@@ -81,9 +83,15 @@ class UnitOfWork:
         try:
             # Begin now, so that a SQLite writer takes its lock up front (BEGIN IMMEDIATE)
             # and waits for it under busy_timeout instead of failing halfway through.
-            await db_session.connection(
-                execution_options={IMMEDIATE: self._is_sqlite and self._write}
-            )
+            options: dict[str, object] = {IMMEDIATE: self._is_sqlite and self._write}
+            if not self._transaction:
+                # A read of one statement needs no transaction: no BEGIN and no ROLLBACK,
+                # two round trips fewer.
+                if self._is_sqlite:
+                    options[NO_TRANSACTION] = True
+                else:
+                    options["isolation_level"] = "AUTOCOMMIT"
+            await db_session.connection(execution_options=options)
         except BaseException as exc:
             await db_session.close()
             self._db_session = None
@@ -179,9 +187,13 @@ def unit_of_work_factory(
     """A callable that opens a UnitOfWork; ``write=False`` for read-only work."""
     writer_lock = WriterLock(wait_seconds=writer_wait_seconds) if is_sqlite else None
 
-    def open_unit_of_work(*, write: bool = True) -> UnitOfWork:
+    def open_unit_of_work(*, write: bool = True, transaction: bool = True) -> UnitOfWork:
         return UnitOfWork(
-            session_factory, is_sqlite=is_sqlite, write=write, writer_lock=writer_lock
+            session_factory,
+            is_sqlite=is_sqlite,
+            write=write,
+            transaction=transaction,
+            writer_lock=writer_lock,
         )
 
     return open_unit_of_work

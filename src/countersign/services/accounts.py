@@ -216,7 +216,7 @@ async def authenticate(deps: ServiceDeps, *, credential: str) -> Caller:
 
 async def _authenticate_api_key(deps: ServiceDeps, credential: str, prefix: str) -> Caller:
     now = deps.clock.now()
-    async with deps.uow_factory(write=False) as uow:
+    async with deps.uow_factory(write=False, transaction=False) as uow:  # one statement
         found = await uow.api_keys.find_by_prefix(prefix)
         if found is None or not token_matches(credential, found[1]):
             raise Unauthenticated(BAD_CREDENTIALS)
@@ -230,7 +230,7 @@ async def _authenticate_api_key(deps: ServiceDeps, credential: str, prefix: str)
 
 async def _authenticate_access_token(deps: ServiceDeps, credential: str) -> Caller:
     now = deps.clock.now()
-    async with deps.uow_factory(write=False) as uow:
+    async with deps.uow_factory(write=False, transaction=False) as uow:
         # The hash of a 256-bit random token is the look-up key: there is nothing to compare
         # in constant time that an attacker could learn from.
         token = await uow.access_tokens.find_by_hash(hash_token(credential))

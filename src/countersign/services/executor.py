@@ -537,6 +537,14 @@ class _Turn:
         """
         if self.tools_since_checkpoint:
             await self._write([], checkpoint=_Messages(start, messages))
+        elif (
+            self.claimed.history_seq is None
+            and self.last_stored is None
+            and self.deferred_checkpoint is None
+        ):
+            # A new run's first request: a retry without any checkpoint starts from the very
+            # same place (the user's message), so there is nothing to store.
+            return
         else:
             self.deferred_checkpoint = (_Messages(start, messages), len(self.pending))
 

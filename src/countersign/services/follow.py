@@ -25,7 +25,7 @@ async def sweep_followed_runs(deps: ServiceDeps) -> int:
     followed = deps.broker.followed_runs()
     woken = 0
     for start in range(0, len(followed), SWEEP_CHUNK):
-        async with deps.uow_factory(write=False) as uow:
+        async with deps.uow_factory(write=False, transaction=False) as uow:  # one statement
             newest = await uow.runs.newest_seqs(followed[start : start + SWEEP_CHUNK])
         woken += deps.broker.found_in_database(newest)
     return woken

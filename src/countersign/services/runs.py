@@ -191,8 +191,12 @@ async def _owned_run(
 async def read_events(
     deps: ServiceDeps, *, run_id: RunId, after_seq: int, limit: int = EVENTS_PAGE
 ) -> tuple[list[RunEvent], RunStatus]:
-    """Events of a run after ``after_seq`` (already access-checked) and the run's status."""
-    async with deps.uow_factory(write=False) as uow:
+    """Events of a run after ``after_seq`` (already access-checked) and the run's status.
+
+    No transaction: the events read may go past the status read, which only means the
+    stream gets them sooner.
+    """
+    async with deps.uow_factory(write=False, transaction=False) as uow:
         found = await uow.runs.status_and_seq(run_id)
         if found is None:
             raise NotFound(RUN_NOT_FOUND)
