@@ -894,6 +894,29 @@ class RunRepository:
         )
         return {RunId(row.id): row.last_seq for row in rows}
 
+    async def start_context(
+        self, session_id: SessionId, *, owner: UserId, prompt: str
+    ) -> tuple[Session, TurnContext] | None:
+        """The owner's session and what a new turn of it needs (agent, workspace, history
+        length), in one statement; None if the session is missing or someone else's."""
+        found = (
+            await self._db.execute(
+                select(SessionRow, AgentRow, *_history_position(session_id))
+                .join(AgentRow, AgentRow.id == SessionRow.agent_id)
+                .where(SessionRow.id == session_id, SessionRow.owner_id == owner)
+            )
+        ).one_or_none()
+        if found is None:
+            return None
+        session, agent, length, tail = found
+        return _session(session), TurnContext(
+            agent=_agent(agent),
+            workspace=session.workspace,
+            prompt=prompt,
+            history_length=int(length or 0),
+            history_tail=None if tail is None else RunId(tail),
+        )
+
     async def turn_context(self, run_id: RunId, *, session_id: SessionId) -> TurnContext:
         """The agent, workspace, prompt and history length a run's turn needs, in one
         statement (the history itself is read apart, unless this process holds it)."""
@@ -903,21 +926,9 @@ class RunRepository:
             .limit(1)
             .scalar_subquery()
         )
-        history_length = (
-            select(func.coalesce(func.max(ModelMessageRow.seq), 0))
-            .where(ModelMessageRow.session_id == session_id)
-            .scalar_subquery()
-        )
-        history_tail = (
-            select(ModelMessageRow.run_id)
-            .where(ModelMessageRow.session_id == session_id)
-            .order_by(ModelMessageRow.seq.desc())
-            .limit(1)
-            .scalar_subquery()
-        )
         found = (
             await self._db.execute(
-                select(AgentRow, SessionRow.workspace, prompt, history_length, history_tail)
+                select(AgentRow, SessionRow.workspace, prompt, *_history_position(session_id))
                 .join(SessionRow, SessionRow.agent_id == AgentRow.id)
                 .where(SessionRow.id == session_id)
             )
@@ -1245,6 +1256,23 @@ def _message(row: MessageRow) -> Message:
 
 
 _ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.AWAITING_APPROVAL)
+
+
+def _history_position(session_id: SessionId) -> tuple[Any, Any]:
+    """Subqueries: the session's number of model messages, and the run that stored the last."""
+    length = (
+        select(func.coalesce(func.max(ModelMessageRow.seq), 0))
+        .where(ModelMessageRow.session_id == session_id)
+        .scalar_subquery()
+    )
+    tail = (
+        select(ModelMessageRow.run_id)
+        .where(ModelMessageRow.session_id == session_id)
+        .order_by(ModelMessageRow.seq.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return length, tail
 
 
 def _model_message_rows(

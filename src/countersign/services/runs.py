@@ -98,9 +98,12 @@ async def _start_run(
                 response = await stored_response(uow, user_id=actor, request=idempotency)
                 if response is not None:
                     return started_from_json(response)
-            session = await uow.sessions.get_owned(session_id, owner=actor)
-            if session is None:
+            # The session, its agent and its history's length: one statement, also what the
+            # turn needs if this process's executor takes it at once.
+            found = await uow.runs.start_context(session_id, owner=actor, prompt=content)
+            if found is None:
                 raise NotFound(SESSION_NOT_FOUND)
+            session, start = found
             # No look for an active run first: the unique index on a session's active run
             # refuses the insert (Conflict), and start_run then says which run is active.
             now = deps.clock.now()
@@ -132,9 +135,7 @@ async def _start_run(
                 run_id=run.id,
                 at=now,
             )
-            context = None
-            if lease is not None:
-                context = await uow.runs.turn_context(run.id, session_id=session.id)
+            context = None if lease is None else start
             started = StartedRun(message=message, run=run, handed_off=lease is not None)
             if idempotency is not None:
                 await remember_response(
