@@ -6,6 +6,7 @@ agent and hands the services bundle to the routes. Nothing here runs at import t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import logging.config
 import re
@@ -111,7 +112,11 @@ def create_app(settings: Settings) -> FastAPI:
                 if isinstance(broker, PostgresBroker):
                     await broker.stop()
         finally:
-            await engine.dispose()
+            # Bounded: a connection stuck in its driver must not hold the stop up.
+            try:
+                await asyncio.wait_for(engine.dispose(), timeout=10)
+            except TimeoutError:
+                logger.warning("closing the database connections took too long; left behind")
 
     app = FastAPI(
         title="Countersign",

@@ -154,6 +154,7 @@ class LocalBroker:
 
 
 BROKER_LOOP = "postgres broker"
+CONNECT_SECONDS = 10.0
 RUNS_CHANNEL = "countersign_runs"
 WORK_CHANNEL = "countersign_work"
 
@@ -234,8 +235,8 @@ class PostgresBroker(LocalBroker):
         connections: list[Any] = []
         try:
             # Appended one by one, so that a cancel between the two still closes the first.
-            connections.append(await asyncpg.connect(self._dsn))
-            connections.append(await asyncpg.connect(self._dsn))
+            connections.append(await asyncpg.connect(self._dsn, timeout=CONNECT_SECONDS))
+            connections.append(await asyncpg.connect(self._dsn, timeout=CONNECT_SECONDS))
             listener, sender = connections
             self._own_pids = {listener.get_server_pid(), sender.get_server_pid()}
             await listener.add_listener(RUNS_CHANNEL, self._received)

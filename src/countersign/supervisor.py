@@ -115,17 +115,28 @@ class Supervisor:
         return self._loops.get(name)
 
     async def stop_loop(self, name: str) -> None:
-        """Cancel one loop and wait for it to end."""
+        """Cancel one loop and wait (a bounded time) for it to end."""
         loop = self._loops.pop(name, None)
-        if loop is not None and loop.task is not None:
-            loop.task.cancel()
-            await asyncio.gather(loop.task, return_exceptions=True)
+        if loop is not None:
+            await _cancel([loop])
 
     async def stop(self) -> None:
-        """Cancel every loop and wait for them to end."""
+        """Cancel every loop and wait (a bounded time) for them to end."""
         self._stopping = True
-        tasks = [loop.task for loop in self._loops.values() if loop.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._loops.clear()
+        loops, self._loops = list(self._loops.values()), {}
+        await _cancel(loops)
+
+
+STOP_SECONDS = 5.0
+"""How long stopping waits for cancelled loops (one stuck in a driver must not hang it)."""
+
+
+async def _cancel(loops: list[Loop]) -> None:
+    tasks = {loop.task: loop.name for loop in loops if loop.task is not None}
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _done, stuck = await asyncio.wait(tasks, timeout=STOP_SECONDS)
+    for task in stuck:
+        logger.warning("background loop %r did not stop within %s s", tasks[task], STOP_SECONDS)

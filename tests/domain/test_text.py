@@ -22,7 +22,11 @@ storable_text = st.text(
     alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 )
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | any_text,
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)  # not JSON: those become null
+    | any_text,
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4)
     ),

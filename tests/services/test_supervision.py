@@ -112,8 +112,12 @@ async def test_a_driver_error_in_the_claim_loop_is_logged_and_survived(
                 what="the claim loop's failure to be logged",
             )
         assert (await finishes(harness, "after the fault"))["status"] == "succeeded"
-        ready = await harness.client.get("/health/ready")
-        assert ready.status_code == 200, ready.text
+
+        async def ready() -> bool:
+            return (await harness.client.get("/health/ready")).status_code == 200
+
+        # Ready again once the loop has had a good round (its back-off is at most 5 s).
+        await wait_until(ready, what="readiness after the fault", every=0.1)
 
 
 async def test_a_driver_error_in_the_stream_sweep_is_logged_and_survived(
@@ -230,18 +234,7 @@ async def test_a_failed_write_loses_no_text_and_the_run_is_retried(
             run = await wait_for_end(harness, session_id, run_id)
             assert run["status"] == "succeeded", run
             assert run["attempt"] >= 2
-            stored = await peer.stored_events(run_id)
-            log = [
-                RunEvent(
-                    run_id=RunId(uuid.UUID(run_id)),
-                    seq=event.id,
-                    attempt=event.data["attempt"],
-                    type=EventType(event.event),
-                    data=event.data,
-                    created_at=None,  # type: ignore[arg-type]
-                )
-                for event in stored
-            ]
+            log = await _log(peer, run_id)
             [_user, reply] = await messages_of(harness.client, harness.account, session_id)
             assert reply["content"] == "".join(chunks)
             assert assistant_text(log) == reply["content"]
@@ -254,6 +247,21 @@ async def test_a_failed_write_loses_no_text_and_the_run_is_retried(
             kinds = [(seq, _data(data)["kind"]) for seq, data in stored]
             assert kinds == [(1, "request"), (2, "response")]
             assert _data(stored[1][1])["parts"][0]["content"] == "".join(chunks)
+
+
+async def _log(peer: Peer, run_id: str) -> list[RunEvent]:
+    """The run's stored events, as the domain reads them."""
+    return [
+        RunEvent(
+            run_id=RunId(uuid.UUID(run_id)),
+            seq=event.id,
+            attempt=event.data["attempt"],
+            type=EventType(event.event),
+            data=event.data,
+            created_at=None,  # type: ignore[arg-type]
+        )
+        for event in await peer.stored_events(run_id)
+    ]
 
 
 async def test_a_run_is_tried_at_most_max_attempts_times(
@@ -377,3 +385,59 @@ async def test_stopping_the_server_while_a_tool_runs_does_not_hang(
     async with Peer(database) as peer:
         [(status,)] = await peer.fetch("SELECT status FROM runs WHERE id = ?", run_id)
     assert status == "running"  # recovered by the next start, which says the tool stopped
+
+
+async def test_driver_errors_in_the_lease_keeper_and_the_writer_are_logged_and_survived(
+    database: TestDatabase, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lease keeper's statement and a batch of the event writer fail with errors no code
+    expects: both are logged with their tracebacks, the loops go on, a later run finishes,
+    and the run whose batch failed ends by itself (retried from its checkpoint)."""
+    caplog.set_level(logging.WARNING)
+    with FakeOpenAI() as server:
+        server.script(text("one", " two", " three", hold_after=1), text("again"), text("later"))
+        settings = fake_model_settings(
+            server, run_lease_seconds=1, executor_poll_seconds=0.1, event_flush_seconds=0
+        )
+        async with (
+            running_app(database, tmp_path, **settings) as harness,
+            Peer(database) as peer,
+        ):
+            session_id = await new_session(harness.client, harness.account)
+            run_id = (await send(harness.client, harness.account, session_id, "hi"))["run"]["id"]
+            assert await asyncio.to_thread(server.wait_until_holding, WAIT)
+            async with renamed_column(peer, "runs", "lease_expires_at"):
+                await wait_until(
+                    lambda: asyncio.sleep(0, supervisor_errors(caplog, "lease keeper")),
+                    what="the lease keeper's failure to be logged",
+                )
+            async with renamed_column(peer, "events", "data"):
+                server.go_on()
+                await wait_until(
+                    lambda: asyncio.sleep(
+                        0,
+                        [
+                            record
+                            for record in caplog.records
+                            if record.name == "countersign.services.writer"
+                            and record.exc_info is not None
+                        ],
+                    ),
+                    what="the writer's failure to be logged",
+                )
+            first = await wait_for_end(harness, session_id, run_id)
+            assert first["status"] in ("succeeded", "failed"), first
+            if first["status"] == "failed":
+                assert first["error"] == UNEXPECTED_FAILURE
+            else:
+                # No delta went missing: the stored reply is what the stored deltas make.
+                [_user, reply] = await messages_of(harness.client, harness.account, session_id)
+                assert assistant_text(await _log(peer, run_id)) == reply["content"]
+            later = await new_session(harness.client, harness.account)
+            later_run = (await send(harness.client, harness.account, later, "more"))["run"]["id"]
+            assert (await wait_for_end(harness, later, later_run))["status"] == "succeeded"
+
+            async def ready() -> bool:
+                return (await harness.client.get("/health/ready")).status_code == 200
+
+            await wait_until(ready, what="readiness after the faults", every=0.1)

@@ -484,7 +484,7 @@ class _Turn:
         """The run that stored the session's newest model message."""
         self.streamed = False
         """Whether this attempt has streamed any text yet."""
-        self.write_error: CountersignError | None = None
+        self.write_error: Exception | None = None
         """Why a write failed: the turn stops at its next step (nothing is written twice,
         since a failed commit may have committed after all)."""
 
@@ -815,6 +815,8 @@ class _Turn:
             # write_error is set: the turn stops at its next step, and the run is retried
             # from its checkpoint (nothing unwritten was ever shown to anyone).
             logger.warning("could not write events of run %s: %s", self.run_id, error.message)
+        except Exception:  # noqa: BLE001 - kept in write_error; the writer logged the traceback
+            logger.warning("could not write events of run %s", self.run_id)
 
     def _raise_write_error(self) -> None:
         if self.write_error is not None:
@@ -860,7 +862,7 @@ class _Turn:
             try:
                 # Group-committed with the other runs' batches of this process.
                 stored = await self.executor.writer.write(batch)
-            except CountersignError as error:
+            except Exception as error:
                 self.write_error = error
                 if isinstance(error, LeaseLost):
                     self.lease_lost = True
