@@ -247,8 +247,12 @@ async def shell(ctx: RunContext[TurnDeps], command: str) -> str:
                 await output.closed.wait()
                 await output.exited.wait()
     finally:
-        # Also on cancellation: no process of this call outlives it.
+        # Also on cancellation: no process of this call outlives it, and it is reaped.
         _kill_group(transport.get_pid())
+        if not output.exited.is_set():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(_OUTPUT_GRACE_SECONDS):
+                    await output.exited.wait()
         transport.close()
     text = _cap(output.text(), limits.output_max_chars)
     # The status goes first so that cutting a long output never hides it.

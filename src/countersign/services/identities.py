@@ -120,6 +120,9 @@ async def _find_or_link(
             await uow.users.add(user, password_hash=None)
             outcome = AccountOutcome.CREATED
         else:
+            if await _is_linked(uow, user, profile):
+                # The same identity's other login committed between the two reads above.
+                return user, AccountOutcome.EXISTING
             await _check_linkable(uow, user, profile)
         await identities.add(
             Identity(
@@ -133,6 +136,15 @@ async def _find_or_link(
         )
         await uow.commit()
     return user, outcome
+
+
+async def _is_linked(uow: UnitOfWork, user: User, profile: ProviderProfile) -> bool:
+    """Whether ``user`` is already linked to exactly this provider identity."""
+    linked = await uow.identities.list_for_user(user.id)
+    return any(
+        found.provider == profile.provider and found.subject == profile.subject
+        for found in linked
+    )
 
 
 async def _check_linkable(uow: UnitOfWork, user: User, profile: ProviderProfile) -> None:
