@@ -142,8 +142,7 @@ async def _is_linked(uow: UnitOfWork, user: User, profile: ProviderProfile) -> b
     """Whether ``user`` is already linked to exactly this provider identity."""
     linked = await uow.identities.list_for_user(user.id)
     return any(
-        found.provider == profile.provider and found.subject == profile.subject
-        for found in linked
+        found.provider == profile.provider and found.subject == profile.subject for found in linked
     )
 
 
