@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,42 @@ async def test_an_approved_tool_call_runs_and_the_run_finishes(
     )
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "already_decided"
+
+
+async def test_a_decided_run_is_handed_to_the_deciding_process_in_its_transaction(
+    client: httpx.AsyncClient, make_account: MakeAccount, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a free slot, the decision's own transaction claims the re-queued run for this
+    process's executor: it is never seen ``queued`` and the claim loop does not take it."""
+    caplog.set_level(logging.DEBUG, logger="countersign.services.executor")
+    account = await make_account()
+    session_id = await new_session(client, account)
+    command = '/tool write_file {"path": "b.txt", "content": "b"}'
+    run_id = (await send(client, account, session_id, command))["run"]["id"]
+    first = await events(client, account, session_id, run_id)
+    assert first[-1].event == "approval.required"
+    decided = await client.post(
+        f"/api/v1/sessions/{session_id}/approvals/{first[-1].data['approval_id']}",
+        json={"decision": "approve"},
+        headers=account.headers,
+    )
+    assert decided.status_code == 200, decided.text
+    # Committed as running (or already done) together with the decision.
+    assert (await run_of(client, account, session_id, run_id))["status"] in (
+        "running",
+        "succeeded",
+    )
+    rest = await events(client, account, session_id, run_id, after=first[-1].id)
+    assert rest[-1].event == "run.finished"
+    attempts = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "countersign.services.executor" and run_id in record.getMessage()
+    ]
+    assert attempts == [
+        f"run {run_id} attempt 1 handed over in-process",
+        f"run {run_id} attempt 2 handed over in-process",
+    ]
 
 
 async def test_edited_arguments_are_used_and_checked(

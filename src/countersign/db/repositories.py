@@ -578,24 +578,32 @@ class RunRepository:
         return None if row is None else _run(row)
 
     async def claim(
-        self, *, owner: str, now: datetime, lease_until: datetime, limit: int = 1
+        self,
+        *,
+        owner: str,
+        now: datetime,
+        lease_until: datetime,
+        limit: int = 1,
+        run_id: RunId | None = None,
     ) -> list[ClaimedRun]:
         """Take up to ``limit`` of the oldest queued runs, or running ones whose lease ran out.
 
         One statement: the rows are picked with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL), so
-        executors in other processes never take the same run.
+        executors in other processes never take the same run. With ``run_id``: that run only,
+        if it is queued (a decision's transaction, which holds its row, hands it over).
         """
+        waiting = or_(
+            RunRow.status == RunStatus.QUEUED.value,
+            and_(
+                RunRow.status == RunStatus.RUNNING.value,
+                RunRow.lease_expires_at < now,
+            ),
+        )
+        if run_id is not None:
+            waiting = and_(RunRow.id == run_id, RunRow.status == RunStatus.QUEUED.value)
         claimable = (
             select(RunRow.id)
-            .where(
-                or_(
-                    RunRow.status == RunStatus.QUEUED.value,
-                    and_(
-                        RunRow.status == RunStatus.RUNNING.value,
-                        RunRow.lease_expires_at < now,
-                    ),
-                )
-            )
+            .where(waiting)
             .order_by(RunRow.created_at)
             .limit(limit)
             .with_for_update(skip_locked=True)

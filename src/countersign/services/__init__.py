@@ -13,13 +13,14 @@ from typing import Protocol, TypeVar
 
 from countersign.broker import LocalBroker
 from countersign.config import Settings
-from countersign.db.uow import UnitOfWorkFactory
+from countersign.db.uow import UnitOfWork, UnitOfWorkFactory
 from countersign.domain.errors import InvalidInput
 from countersign.domain.models import (
     Clock,
     Lease,
     Page,
     Run,
+    RunId,
     TurnContext,
     decode_cursor,
     encode_cursor,
@@ -42,6 +43,20 @@ class LocalExecutor(Protocol):
 
     def lease_until(self, now: datetime) -> datetime:
         """When a lease taken now runs out."""
+
+    async def take(self, uow: UnitOfWork, run_id: RunId, *, now: datetime) -> TakenRun | None:
+        """Claim a run that ``uow`` has just re-queued (a decision), if a slot is free, and
+        read what its next attempt starts from, in that same transaction."""
+
+
+class TakenRun(Protocol):
+    """A run claimed inside a transaction that has not committed yet."""
+
+    def start(self) -> None:
+        """The transaction committed: carry the run out."""
+
+    def drop(self) -> None:
+        """The transaction did not commit: give the slot back (the run stays queued)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from countersign.domain.models import (
     SessionId,
     UserId,
 )
-from countersign.services import ServiceDeps
+from countersign.services import ServiceDeps, TakenRun
 from countersign.services.sessions import SESSION_NOT_FOUND
 
 APPROVAL_NOT_FOUND = "approval not found"
@@ -44,20 +44,37 @@ async def decide_approval(
     reason: str | None = None,
     arguments: JSONObject | None = None,
 ) -> Approval:
-    """Record a person's decision on a pending tool call and re-queue its run."""
-    async with deps.uow_factory() as uow:
-        session = await uow.sessions.get_owned(session_id, owner=actor)
-        if session is None:
-            raise NotFound(SESSION_NOT_FOUND)
-        pending = await _get_under_run_lock(uow, approval_id, session_id=session.id)
-        if arguments is not None:
-            arguments = validate_tool_arguments(pending.tool, arguments)
-        decided = pending.decide(
-            decision, by=actor, at=deps.clock.now(), reason=reason, arguments=arguments
-        )
-        await uow.approvals.save_decision(decided)
-        await _resolve(uow, deps, decided)
-        await uow.commit()
+    """Record a person's decision on a pending tool call and re-queue its run.
+
+    With a free slot in this process's executor, the re-queued run is claimed for it in the
+    decision's own transaction and carried out once that commits (as a new run is).
+    """
+    taken: TakenRun | None = None
+    committed = False
+    try:
+        async with deps.uow_factory() as uow:
+            session = await uow.sessions.get_owned(session_id, owner=actor)
+            if session is None:
+                raise NotFound(SESSION_NOT_FOUND)
+            pending = await _get_under_run_lock(uow, approval_id, session_id=session.id)
+            if arguments is not None:
+                arguments = validate_tool_arguments(pending.tool, arguments)
+            now = deps.clock.now()
+            decided = pending.decide(decision, by=actor, at=now, reason=reason, arguments=arguments)
+            await uow.approvals.save_decision(decided)
+            requeued = await _resolve(uow, deps, decided)
+            if requeued and deps.executor is not None:
+                taken = await deps.executor.take(uow, decided.run_id, now=now)
+            await uow.commit()
+            committed = True
+    finally:
+        # A run committed as ours is carried out whatever happens next (even this request
+        # being cancelled); a slot reserved for a transaction that did not commit is freed.
+        if taken is not None:
+            if committed:
+                taken.start()
+            else:
+                taken.drop()
     audit_log.info(
         "user %s decided approval %s: %s",
         actor,
@@ -72,7 +89,8 @@ async def decide_approval(
         },
     )
     deps.broker.run_changed(decided.run_id)
-    deps.broker.work_available()
+    if requeued and taken is None:
+        deps.broker.work_available()
     return decided
 
 
@@ -116,8 +134,8 @@ async def _get_under_run_lock(
     return found
 
 
-async def _resolve(uow: UnitOfWork, deps: ServiceDeps, decided: Approval) -> None:
-    """Log the decision on the run and re-queue the run once nothing else waits."""
+async def _resolve(uow: UnitOfWork, deps: ServiceDeps, decided: Approval) -> bool:
+    """Log the decision on the run and re-queue the run once nothing else waits (True)."""
     waiting = await uow.approvals.count_pending(decided.run_id)
     await uow.runs.append(
         decided.run_id,
@@ -138,3 +156,4 @@ async def _resolve(uow: UnitOfWork, deps: ServiceDeps, decided: Approval) -> Non
         expect=(RunStatus.AWAITING_APPROVAL,),
         values=None if waiting else {"status": RunStatus.QUEUED.value},
     )
+    return not waiting

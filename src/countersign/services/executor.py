@@ -222,7 +222,32 @@ class Executor:
             return  # the run keeps its lease until it runs out; then it is claimed again
         claimed = ClaimedRun(run=run, lease=lease, history_seq=None, last_seq=0, checkpoint_seq=0)
         history = self._cached_history(run.session_id, context.history_length, context.history_tail)
-        self._spawn(claimed, _Start(context, history=history))
+        self._spawn(claimed, _Start(context, history=history), how=HANDED_OVER)
+
+    async def take(self, uow: UnitOfWork, run_id: RunId, *, now: datetime) -> _Taken | None:
+        """Claim a run that ``uow`` re-queued (a decision) for this process, if a slot is free,
+        and read its start in that transaction: no claim of its own, no wake-up, no poll."""
+        if self.reserve(now=now) is None:
+            return None
+        try:
+            claimed = await uow.runs.claim(
+                owner=self.name, now=now, lease_until=self.lease_until(now), run_id=run_id
+            )
+            if not claimed:
+                self.unreserve()
+                return None
+            start = await _read_start(
+                uow, claimed[0], self.options.max_attempts, self._cached_history
+            )
+        except BaseException:
+            self.unreserve()
+            raise
+        return _Taken(self, claimed[0], start)
+
+    def _start_taken(self, claimed: ClaimedRun, start: _Start) -> None:
+        self._reserved -= 1
+        if not self._stopping:
+            self._spawn(claimed, start, how=HANDED_OVER)
 
     # -- the sessions' model histories, kept for their next turn ----------------------------
 
@@ -272,7 +297,8 @@ class Executor:
     def _free_slots(self) -> int:
         return self.options.concurrency - len(self._tasks) - self._reserved
 
-    def _spawn(self, claimed: ClaimedRun, start: _Start) -> None:
+    def _spawn(self, claimed: ClaimedRun, start: _Start, *, how: str) -> None:
+        logger.debug("run %s attempt %d %s", claimed.run.id, claimed.lease.attempt, how)
         task = asyncio.create_task(self._carry_out(claimed, start), name=f"run {claimed.run.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -297,7 +323,7 @@ class Executor:
                     finally:
                         self._reserved -= free
                     for run, start in claimed:
-                        self._spawn(run, start)
+                        self._spawn(run, start, how=CLAIMED)
                     if len(claimed) < free:
                         break  # nothing more is waiting
                 loop.working()
@@ -392,6 +418,8 @@ class Executor:
             self.deps.broker.work_available()
 
 
+HANDED_OVER = "handed over in-process"
+CLAIMED = "claimed by the claim loop"
 UNEXPECTED_FAILURE = "the agent failed unexpectedly; the server's log has the details"
 
 
@@ -897,6 +925,26 @@ class _Turn:
             self.flush_task.cancel()
             self.flush_task = None
         return pending
+
+
+@dataclass(slots=True)
+class _Taken:
+    """A run claimed in a transaction not yet committed (``services.TakenRun``)."""
+
+    executor: Executor
+    claimed: ClaimedRun
+    start_from: _Start
+    done: bool = False
+
+    def start(self) -> None:
+        if not self.done:
+            self.done = True
+            self.executor._start_taken(self.claimed, self.start_from)
+
+    def drop(self) -> None:
+        if not self.done:
+            self.done = True
+            self.executor.unreserve()
 
 
 @dataclass(frozen=True, slots=True)
