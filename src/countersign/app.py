@@ -53,6 +53,7 @@ from countersign.domain.models import SystemClock
 from countersign.services import ServiceDeps
 from countersign.services.agents import ensure_default_agent
 from countersign.services.executor import Executor, ExecutorOptions, executor_name
+from countersign.services.feed import FEED_LOOP, FeedHub
 from countersign.services.follow import FOLLOW_LOOP, follow_loop
 from countersign.supervisor import Supervisor
 
@@ -98,6 +99,9 @@ def create_app(settings: Settings) -> FastAPI:
                     partial(follow_loop, services, every=settings.executor_poll_seconds),
                     stale_after=max(10.0, 10 * settings.executor_poll_seconds),
                 )
+                feeds = FeedHub(services)
+                supervisor.start(FEED_LOOP, feeds.run)
+                app.state.feeds = feeds
                 app.state.services = services
                 app.state.supervisor = supervisor
                 app.state.readiness = partial(ready_reason, supervisor, partial(readiness, engine))
@@ -139,6 +143,7 @@ def create_app(settings: Settings) -> FastAPI:
         messages.router,
         runs.router,
         approvals.router,
+        approvals.inbox,
         me.router,
         ops.router,
     ):

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import uuid
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,6 +32,9 @@ from countersign.supervisor import Loop, Supervisor
 
 logger = logging.getLogger(__name__)
 
+
+MAX_NOTES = 10_000
+"""Notes for the feeds kept between two looks (more: the oldest are dropped)."""
 
 MAX_HANDED_EVENTS = 1_000
 """A follower that falls this far behind gets no more events in memory; it reads them."""
@@ -84,6 +87,24 @@ class LocalBroker:
             weakref.WeakSet
         )
         self._work = asyncio.Event()
+        self._changes = asyncio.Event()
+        self._notes: deque[str] = deque(maxlen=MAX_NOTES)
+
+    def data_changed(self, note: str = "") -> None:
+        """Tell the per-user feeds (``services/feed.py``) that a run, approval or session
+        changed; ``note`` says what the database cannot (e.g. a session that was deleted)."""
+        if note:
+            self._notes.append(note)
+        self._changes.set()
+
+    async def wait_for_changes(self, within: float) -> list[str]:
+        """Wait up to ``within`` seconds for ``data_changed``; the notes sent since."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changes.wait(), within)
+        self._changes.clear()
+        notes = list(self._notes)
+        self._notes.clear()
+        return notes
 
     def run_changed(self, run_id: RunId, events: Sequence[RunEvent] = ()) -> None:
         """Tell the run's followers that it has new events or a new status.
@@ -157,6 +178,7 @@ BROKER_LOOP = "postgres broker"
 CONNECT_SECONDS = 10.0
 RUNS_CHANNEL = "countersign_runs"
 WORK_CHANNEL = "countersign_work"
+CHANGES_CHANNEL = "countersign_changes"
 
 
 class PostgresBroker(LocalBroker):
@@ -207,6 +229,11 @@ class PostgresBroker(LocalBroker):
         super().work_available()
         self._send(WORK_CHANNEL, "")
 
+    def data_changed(self, note: str = "") -> None:
+        """Wake the feeds here and in every other process."""
+        super().data_changed(note)
+        self._send(CHANGES_CHANNEL, note)
+
     def _send(self, channel: str, payload: str) -> None:
         self._outbox.add((channel, payload))
         self._outbox_ready.set()
@@ -241,11 +268,13 @@ class PostgresBroker(LocalBroker):
             self._own_pids = {listener.get_server_pid(), sender.get_server_pid()}
             await listener.add_listener(RUNS_CHANNEL, self._received)
             await listener.add_listener(WORK_CHANNEL, self._received)
+            await listener.add_listener(CHANGES_CHANNEL, self._received)
             self.connected.set()
             loop.working()
             # What changed while there was no connection, the sweep finds (services/follow.py);
             # the executor looks for work now.
             LocalBroker.work_available(self)
+            LocalBroker.data_changed(self)
             while True:
                 await self._outbox_ready.wait()
                 self._outbox_ready.clear()
@@ -267,6 +296,9 @@ class PostgresBroker(LocalBroker):
             return  # our own notification: the local wake-up already happened
         if channel == WORK_CHANNEL:
             super().work_available()
+            return
+        if channel == CHANGES_CHANNEL:
+            super().data_changed(payload)
             return
         try:
             run_id = RunId(uuid.UUID(payload))

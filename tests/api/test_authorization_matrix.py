@@ -48,6 +48,8 @@ PUBLIC_OPERATIONS: dict[tuple[str, str], bool] = {
     # (method, path template): True when the route must exist today, False while optional.
     ("POST", f"{API}/auth/register"): True,
     ("POST", f"{API}/auth/login"): True,
+    # A login page asks which sign-in buttons to show before anyone has signed in.
+    ("GET", f"{API}/auth/providers"): True,
     # OAuth/OIDC: a browser arrives with no credentials.
     ("GET", f"{API}/auth/oauth/{{provider}}/login"): True,
     ("GET", f"{API}/auth/oauth/{{provider}}/callback"): True,

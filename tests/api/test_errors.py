@@ -41,6 +41,8 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
 PUBLIC_OPERATIONS = {
     "/api/v1/auth/register",
     "/api/v1/auth/login",
+    # A login page asks which sign-in buttons to show before anyone has signed in.
+    "/api/v1/auth/providers",
     # OAuth/OIDC: a browser arrives here with no credentials; they answer 404 or 400.
     "/api/v1/auth/oauth/{provider}/login",
     "/api/v1/auth/oauth/{provider}/callback",

@@ -356,7 +356,8 @@ async def test_edited_arguments_are_used_and_checked(
         headers=account.headers,
     )
     assert good.status_code == 200, good.text
-    assert good.json()["arguments"] == {"path": "b.txt", "content": "edited"}
+    assert good.json()["decided_arguments"] == {"path": "b.txt", "content": "edited"}
+    assert good.json()["arguments"] == {"path": "a.txt", "content": "x"}
     await events(client, account, session_id, run_id, after=0)
     workspace = Path(settings.workspace_root) / session_id
     await wait_for_status(client, account, session_id, run_id, "succeeded")

@@ -12,7 +12,7 @@ import pytest
 from countersign.services import ServiceDeps
 from tests.api.test_errors import MakeAccount, assert_error
 
-SESSION_FIELDS = {"id", "title", "agent_id", "status", "created_at", "updated_at"}
+SESSION_FIELDS = {"id", "title", "agent_id", "status", "active_run_id", "created_at", "updated_at"}
 
 
 async def default_agent_id(services: ServiceDeps) -> str:

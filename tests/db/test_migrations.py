@@ -23,6 +23,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    update,
 )
 from sqlalchemy import column as sa_column
 from sqlalchemy import table as sa_table
@@ -328,5 +329,114 @@ async def test_0005_moves_histories_to_rows_and_back(empty_database: TestDatabas
             assert histories[newest] == [a, b]
             assert histories[waiting] == [a, b, c]
             assert histories[failed] is None
+    finally:
+        await engine.dispose()
+
+
+async def test_0006_adds_approval_fields_and_puts_edits_back_on_downgrade(
+    empty_database: TestDatabase,
+) -> None:
+    """Existing approvals get ``asked_because`` = "policy ask" and no ``decided_arguments``;
+    the downgrade puts edited arguments back into ``arguments``, where 0005 kept them."""
+    users, agents, sessions, runs = (
+        Base.metadata.tables[name] for name in ("users", "agents", "sessions", "runs")
+    )
+    approvals_0005 = sa_table(
+        "approvals",
+        sa_column("id", Uuid()),
+        sa_column("run_id", Uuid()),
+        sa_column("session_id", Uuid()),
+        sa_column("tool_call_id", String()),
+        sa_column("tool", String()),
+        sa_column("arguments", JSON()),
+        sa_column("status", String()),
+        sa_column("expires_at", DateTime(timezone=True)),
+        sa_column("created_at", DateTime(timezone=True)),
+    )
+    approvals = Base.metadata.tables["approvals"]
+    now = datetime.now(UTC)
+    user_id, agent_id, session_id, run_id = (uuid.uuid4() for _ in range(4))
+    kept, edited = uuid.uuid4(), uuid.uuid4()
+    engine = create_async_engine(normalise_database_url(empty_database.url))
+    try:
+        await migrations.upgrade(engine, "0005")
+        async with engine.begin() as connection:
+            await connection.execute(
+                insert(users).values(id=user_id, email="m@x.test", created_at=now)
+            )
+            await connection.execute(
+                insert(agents).values(
+                    id=agent_id,
+                    owner_id=None,
+                    name="a",
+                    model="demo",
+                    instructions="",
+                    tools=[],
+                    is_default=True,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await connection.execute(
+                insert(sessions).values(
+                    id=session_id,
+                    owner_id=user_id,
+                    agent_id=agent_id,
+                    title="t",
+                    status="active",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await connection.execute(
+                insert(runs).values(
+                    id=run_id,
+                    session_id=session_id,
+                    status="awaiting_approval",
+                    attempt=1,
+                    retries=0,
+                    last_seq=0,
+                    checkpoint_seq=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            for approval_id in (kept, edited):
+                await connection.execute(
+                    insert(approvals_0005).values(
+                        id=approval_id,
+                        run_id=run_id,
+                        session_id=session_id,
+                        tool_call_id=str(approval_id),
+                        tool="write_file",
+                        arguments={"path": "proposed.txt"},
+                        status="pending",
+                        expires_at=now,
+                        created_at=now,
+                    )
+                )
+        await migrations.upgrade(engine)
+        async with engine.begin() as connection:
+            rows = (
+                await connection.execute(
+                    select(approvals.c.asked_because, approvals.c.decided_arguments)
+                )
+            ).all()
+            assert [tuple(row) for row in rows] == [("policy ask", None)] * 2
+            await connection.execute(
+                update(approvals)
+                .where(approvals.c.id == edited)
+                .values(status="approved", decided_arguments={"path": "edited.txt"})
+            )
+        await migrations.downgrade(engine, "0005")
+        async with engine.begin() as connection:
+            back = dict(
+                (
+                    await connection.execute(
+                        select(approvals_0005.c.id, approvals_0005.c.arguments)
+                    )
+                ).all()
+            )
+            assert back == {kept: {"path": "proposed.txt"}, edited: {"path": "edited.txt"}}
     finally:
         await engine.dispose()

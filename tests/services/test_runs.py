@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -178,12 +179,19 @@ class Peer:
     async def stored_events(self, run_id: str) -> list[Sse]:
         """The run's committed events, shaped as SSE gives them (payload: data + ids)."""
         rows = await self.fetch(
-            "SELECT seq, type, attempt, data FROM events WHERE run_id = ? ORDER BY seq", run_id
+            "SELECT seq, type, attempt, data, created_at FROM events WHERE run_id = ? ORDER BY seq",
+            run_id,
         )
         stored: list[Sse] = []
-        for seq, type_, attempt, data in rows:
+        for seq, type_, attempt, data, created_at in rows:
             payload = json.loads(data) if isinstance(data, str) else dict(data)
-            payload.update({"run_id": run_id, "seq": seq, "attempt": attempt})
+            at = (
+                created_at
+                if isinstance(created_at, datetime)
+                else datetime.fromisoformat(created_at)
+            )
+            at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+            payload.update({"run_id": run_id, "seq": seq, "attempt": attempt, "at": at.isoformat()})
             stored.append(Sse(seq, type_, payload))
         return stored
 
@@ -601,6 +609,41 @@ async def test_invariant_4_events_are_in_the_database_before_the_client_sees_the
             assert second == await peer.stored_events(second_run)
             assert [e.id for e in second] == list(range(1, len(second) + 1))
             assert second[-1].event in ("run.finished", "run.failed")
+
+
+async def test_a_stream_ends_when_its_session_is_deleted(
+    database: TestDatabase, tmp_path: Path
+) -> None:
+    """A run deleted with its session wakes its followers (the process's sweep finds it gone):
+    they read, find nothing, and their streams end instead of idling forever."""
+    async with running_app(database, tmp_path) as harness, served_over_tcp(harness.app) as url:
+        client, account = harness.client, harness.account
+        session_id = await new_session(client, account)
+        command = '/tool shell {"command": "sleep 5"}'
+        run_id = (await send(client, account, session_id, command))["run"]["id"]
+        first = await events(client, account, session_id, run_id)
+        assert first[-1].event == "approval.required", first
+        decided = await client.post(
+            f"/api/v1/sessions/{session_id}/approvals/{first[-1].data['approval_id']}",
+            json={"decision": "approve"},
+            headers=account.headers,
+        )
+        assert decided.status_code == 200
+        seen: list[str] = []
+        async with httpx.AsyncClient(base_url=url, timeout=WAIT) as http:
+            headers = {**account.headers, "Last-Event-ID": str(first[-1].id)}
+            stream_url = f"/api/v1/sessions/{session_id}/runs/{run_id}/events"
+            async with aconnect_sse(http, "GET", stream_url, headers=headers) as source:
+                async with asyncio.timeout(WAIT):
+                    async for sse in source.aiter_sse():
+                        seen.append(sse.event)
+                        if sse.event == "tool.call":  # the command is running: delete now
+                            deleted = await client.delete(
+                                f"/api/v1/sessions/{session_id}", headers=account.headers
+                            )
+                            assert deleted.status_code == 204
+        assert "tool.call" in seen
+        assert "run.finished" not in seen
 
 
 # --- 4. invariant 9 --------------------------------------------------------------------------

@@ -146,6 +146,21 @@ class AccessTokenOut(BaseModel):
     expires_at: datetime
 
 
+class SignInProviderOut(BaseModel):
+    """A configured sign-in provider, for a login page."""
+
+    name: str
+    kind: str = Field(description="`oidc`, `google`, `github` or `kakao`.")
+    login_url: str = Field(description="Where a browser goes to sign in with it.")
+
+
+class SignInProvidersOut(BaseModel):
+    """How one can sign in here."""
+
+    items: list[SignInProviderOut]
+    registration_open: bool = Field(description="Whether `POST /auth/register` takes new accounts.")
+
+
 class ApiKeyCreate(Strict):
     """A new API key's name (what it is for)."""
 
@@ -199,6 +214,9 @@ class SessionOut(Out):
     title: str
     agent_id: uuid.UUID
     status: SessionStatus
+    active_run_id: uuid.UUID | None = Field(
+        description="The session's queued, running or waiting run (null when none)."
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -218,9 +236,14 @@ class ApprovalOut(Out):
     """A tool call waiting for, or given, a person's decision."""
 
     id: uuid.UUID
+    session_id: uuid.UUID
     run_id: uuid.UUID
     tool: str
-    arguments: dict[str, Any]
+    arguments: dict[str, Any] = Field(description="The arguments as the model proposed them.")
+    decided_arguments: dict[str, Any] | None = Field(
+        description="The arguments as approved, when a person edited them (else null)."
+    )
+    asked_because: str = Field(description='Why the call waits for a person, e.g. "policy ask".')
     status: ApprovalStatus
     decided_by: uuid.UUID | None
     decided_at: datetime | None

@@ -371,20 +371,32 @@ class SessionRepository:
 
     async def get_owned(self, session_id: SessionId, *, owner: UserId) -> Session | None:
         """The session if it exists and belongs to ``owner``, else None."""
-        row = await self._db.scalar(
-            select(SessionRow).where(SessionRow.id == session_id, SessionRow.owner_id == owner)
-        )
-        return None if row is None else _session(row)
+        found = (
+            await self._db.execute(
+                select(SessionRow, _ACTIVE_RUN_ID).where(
+                    SessionRow.id == session_id, SessionRow.owner_id == owner
+                )
+            )
+        ).first()
+        return None if found is None else _session(found[0], active_run_id=found[1])
 
     async def list_owned(
-        self, *, owner: UserId, before: uuid.UUID | None, limit: int
+        self,
+        *,
+        owner: UserId,
+        before: uuid.UUID | None,
+        limit: int,
+        title_contains: str | None = None,
     ) -> list[Session]:
-        """Up to ``limit`` of the owner's sessions, newest first, older than ``before``."""
-        query = select(SessionRow).where(SessionRow.owner_id == owner)
+        """Up to ``limit`` of the owner's sessions, newest first, older than ``before``;
+        with ``title_contains``, those whose title contains it (any case)."""
+        query = select(SessionRow, _ACTIVE_RUN_ID).where(SessionRow.owner_id == owner)
         if before is not None:
             query = query.where(SessionRow.id < before)
-        rows = await self._db.scalars(query.order_by(SessionRow.id.desc()).limit(limit))
-        return [_session(row) for row in rows]
+        if title_contains:
+            query = query.where(SessionRow.title.icontains(title_contains, autoescape=True))
+        rows = await self._db.execute(query.order_by(SessionRow.id.desc()).limit(limit))
+        return [_session(row, active_run_id=active) for row, active in rows]
 
     async def update(self, session: Session) -> None:
         """Store the session's title, status and update time; NotFound if it is gone."""
@@ -401,6 +413,17 @@ class SessionRepository:
             delete(SessionRow).where(SessionRow.id == session_id, SessionRow.owner_id == owner)
         )
         _expect_one(result, "session")
+
+    async def changed_since(
+        self, owners: list[UserId], since: datetime
+    ) -> list[tuple[UserId, SessionId, datetime]]:
+        """The owners' sessions changed since ``since``: owner, session and when."""
+        rows = await self._db.execute(
+            select(SessionRow.owner_id, SessionRow.id, SessionRow.updated_at).where(
+                SessionRow.updated_at > since, SessionRow.owner_id.in_(owners)
+            )
+        )
+        return [(UserId(owner), SessionId(session), at) for owner, session, at in rows]
 
     async def count_for_owner(self, owner: UserId) -> int:
         """How many sessions the owner has."""
@@ -655,6 +678,20 @@ class RunRepository:
             for row in rows
         ]
         return sorted(claimed, key=lambda found: found.run.created_at)
+
+    async def changed_since(
+        self, owners: list[UserId], since: datetime
+    ) -> list[tuple[UserId, SessionId, RunId, RunStatus]]:
+        """The owners' runs written since ``since``: owner, session, run and status now."""
+        rows = await self._db.execute(
+            select(SessionRow.owner_id, RunRow.session_id, RunRow.id, RunRow.status)
+            .join(SessionRow, SessionRow.id == RunRow.session_id)
+            .where(RunRow.updated_at > since, SessionRow.owner_id.in_(owners))
+        )
+        return [
+            (UserId(owner), SessionId(session), RunId(run), RunStatus(status))
+            for owner, session, run, status in rows
+        ]
 
     async def release_lease(self, run_id: RunId, lease: Lease, *, at: datetime) -> None:
         """Let the run go: claimable again at once (still ``running``: a retry follows)."""
@@ -1027,6 +1064,48 @@ class ApprovalRepository:
         )
         return [_approval(row) for row in rows]
 
+    async def list_owned(
+        self,
+        *,
+        owner: UserId,
+        status: ApprovalStatus | None,
+        now: datetime,
+        after: uuid.UUID | None,
+        limit: int,
+    ) -> list[Approval]:
+        """Up to ``limit`` of the owner's approvals across sessions, oldest first; with
+        ``status``, only those (``pending``: unexpired ones)."""
+        conditions = [SessionRow.owner_id == owner]
+        if status is not None:
+            conditions.append(ApprovalRow.status == status.value)
+        if status is ApprovalStatus.PENDING:
+            conditions.append(ApprovalRow.expires_at > now)
+        if after is not None:
+            conditions.append(ApprovalRow.id > after)
+        rows = await self._db.scalars(
+            select(ApprovalRow)
+            .join(SessionRow, SessionRow.id == ApprovalRow.session_id)
+            .where(*conditions)
+            .order_by(ApprovalRow.id)
+            .limit(limit)
+        )
+        return [_approval(row) for row in rows]
+
+    async def changed_since(
+        self, owners: list[UserId], since: datetime
+    ) -> list[tuple[UserId, Approval]]:
+        """The owners' approvals made or decided since ``since``, with their owner."""
+        rows = await self._db.execute(
+            select(SessionRow.owner_id, ApprovalRow)
+            .join(SessionRow, SessionRow.id == ApprovalRow.session_id)
+            .where(
+                SessionRow.owner_id.in_(owners),
+                or_(ApprovalRow.created_at > since, ApprovalRow.decided_at > since),
+            )
+            .order_by(ApprovalRow.id)
+        )
+        return [(UserId(owner), _approval(row)) for owner, row in rows]
+
     async def add(self, approval: Approval) -> None:
         """Insert a pending approval."""
         self._db.add(
@@ -1043,6 +1122,7 @@ class ApprovalRepository:
                 reason=approval.reason,
                 expires_at=approval.expires_at,
                 created_at=approval.created_at,
+                asked_because=storable(approval.asked_because),
             )
         )
         await self._db.flush()
@@ -1069,7 +1149,7 @@ class ApprovalRepository:
                 decided_by=approval.decided_by,
                 decided_at=approval.decided_at,
                 reason=approval.reason,
-                arguments=approval.arguments,
+                decided_arguments=approval.decided_arguments,
             )
         )
         if _rowcount(result) == 0:
@@ -1239,7 +1319,7 @@ def _agent(row: AgentRow) -> Agent:
     )
 
 
-def _session(row: SessionRow) -> Session:
+def _session(row: SessionRow, *, active_run_id: uuid.UUID | None = None) -> Session:
     return Session(
         id=SessionId(row.id),
         owner_id=UserId(row.owner_id),
@@ -1248,6 +1328,7 @@ def _session(row: SessionRow) -> Session:
         status=SessionStatus(row.status),
         created_at=row.created_at,
         updated_at=row.updated_at,
+        active_run_id=None if active_run_id is None else RunId(active_run_id),
     )
 
 
@@ -1264,6 +1345,15 @@ def _message(row: MessageRow) -> Message:
 
 
 _ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.AWAITING_APPROVAL)
+_ACTIVE_RUN_ID = (
+    select(RunRow.id)
+    .where(RunRow.session_id == SessionRow.id, RunRow.status.in_([s.value for s in _ACTIVE]))
+    .limit(1)
+    .correlate(SessionRow)
+    .scalar_subquery()
+    .label("active_run_id")
+)
+"""A session's active run (at most one: a unique index says so), read with the session."""
 
 
 def _history_position(session_id: SessionId) -> tuple[Any, Any]:
@@ -1344,6 +1434,8 @@ def _approval(row: ApprovalRow) -> Approval:
         expires_at=row.expires_at,
         created_at=row.created_at,
         tool_call_id=row.tool_call_id,
+        decided_arguments=None if row.decided_arguments is None else dict(row.decided_arguments),
+        asked_because=row.asked_because,
     )
 
 

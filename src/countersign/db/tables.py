@@ -217,6 +217,7 @@ class RunRow(Base):
     __table_args__ = (
         Index("ix_runs_session_id", "session_id"),
         Index("ix_runs_status_created_at", "status", "created_at"),
+        Index("ix_runs_updated_at", "updated_at"),
         # At most one active run per session.
         Index(
             "uq_runs_active_session",
@@ -295,8 +296,14 @@ class ApprovalRow(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     expires_at: Mapped[datetime]
     created_at: Mapped[datetime]
+    decided_arguments: Mapped[dict[str, Any] | None]
+    """The arguments as approved, when a person edited them (``arguments``: as proposed)."""
+    asked_because: Mapped[str] = mapped_column(String(200))
 
-    __table_args__ = (Index("ix_approvals_session_id_status", "session_id", "status"),)
+    __table_args__ = (
+        Index("ix_approvals_session_id_status", "session_id", "status"),
+        Index("ix_approvals_status_id", "status", "id"),
+    )
 
 
 class IdempotencyKeyRow(Base):

@@ -9,7 +9,7 @@ higher attempt marks the retry).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -79,8 +79,18 @@ class RunEvent:
     created_at: datetime
 
     def payload(self) -> JSONObject:
-        """The SSE ``data:`` object: the event's fields plus ``run_id``, ``seq`` and ``attempt``."""
-        return {**self.data, "run_id": str(self.run_id), "seq": self.seq, "attempt": self.attempt}
+        """The SSE ``data:`` object: the event's fields plus ``run_id``, ``seq``, ``attempt``
+        and ``at`` (when it was recorded, ISO 8601 with its zone)."""
+        at = self.created_at
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)  # stored as UTC by every clock the server has
+        return {
+            **self.data,
+            "run_id": str(self.run_id),
+            "seq": self.seq,
+            "attempt": self.attempt,
+            "at": at.isoformat(),
+        }
 
 
 def text_delta(text: str) -> NewEvent:

@@ -220,6 +220,8 @@ class Session:
     status: SessionStatus
     created_at: datetime
     updated_at: datetime
+    active_run_id: RunId | None = field(default=None, compare=False)
+    """Its queued, running or waiting run, as read with it (None: none, or not read)."""
 
     def edited(self, *, title: str | None, status: SessionStatus | None, at: datetime) -> Session:
         """This session with a new title and/or status."""
@@ -302,6 +304,10 @@ class TurnContext:
     kept in memory is still the stored one (messages are only added, or a run's removed)."""
 
 
+POLICY_ASK = "policy ask"
+"""Why a call waits for a person when its tool's policy is ``ask``."""
+
+
 @dataclass(frozen=True, slots=True)
 class Approval:
     """A tool call waiting for a person's decision."""
@@ -318,6 +324,14 @@ class Approval:
     expires_at: datetime
     created_at: datetime = field(compare=False)
     tool_call_id: str = field(default="", compare=False)
+    decided_arguments: JSONObject | None = None
+    """The arguments as a person approved them, when edited (``arguments``: as proposed)."""
+    asked_because: str = POLICY_ASK
+
+    @property
+    def arguments_to_use(self) -> JSONObject:
+        """What the tool runs with if approved: the edited arguments, else the proposed."""
+        return self.arguments if self.decided_arguments is None else self.decided_arguments
 
     def decide(
         self,
@@ -349,7 +363,7 @@ class Approval:
             decided_by=by,
             decided_at=at,
             reason=reason,
-            arguments=self.arguments if arguments is None else arguments,
+            decided_arguments=arguments,
         )
 
 

@@ -8,11 +8,14 @@ behind each other on PostgreSQL instead of deadlocking.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
+from datetime import datetime
 
 from countersign.agent.tools import validate_tool_arguments
 from countersign.db.uow import UnitOfWork
-from countersign.domain.errors import NotFound
+from countersign.domain.errors import Conflict, NotFound, Unavailable
 from countersign.domain.events import EventType, NewEvent
 from countersign.domain.models import (
     Approval,
@@ -20,11 +23,20 @@ from countersign.domain.models import (
     ApprovalStatus,
     Decision,
     JSONObject,
+    Page,
+    RunId,
     RunStatus,
     SessionId,
     UserId,
 )
-from countersign.services import ServiceDeps, TakenRun
+from countersign.services import ServiceDeps, TakenRun, page_of, uuid_cursor
+from countersign.services.feed import approval_data
+from countersign.services.idempotency import (
+    IdempotentRequest,
+    remember_response,
+    stored_response,
+    winner_response,
+)
 from countersign.services.sessions import SESSION_NOT_FOUND
 
 APPROVAL_NOT_FOUND = "approval not found"
@@ -43,16 +55,54 @@ async def decide_approval(
     decision: Decision,
     reason: str | None = None,
     arguments: JSONObject | None = None,
+    idempotency: IdempotentRequest | None = None,
 ) -> Approval:
     """Record a person's decision on a pending tool call and re-queue its run.
+
+    With an Idempotency-Key, a retry of a decision that was made answers with that decision
+    (not 409), and the same key with another body is refused.
 
     With a free slot in this process's executor, the re-queued run is claimed for it in the
     decision's own transaction and carried out once that commits (as a new run is).
     """
+    try:
+        return await _decide(
+            deps,
+            actor=actor,
+            session_id=session_id,
+            approval_id=approval_id,
+            decision=decision,
+            reason=reason,
+            arguments=arguments,
+            idempotency=idempotency,
+        )
+    except Conflict:
+        # A concurrent retry with the same key may have won: answer with its decision.
+        response = await winner_response(deps, user_id=actor, request=idempotency)
+        if response is None:
+            raise
+        return approval_from_json(response)
+
+
+async def _decide(
+    deps: ServiceDeps,
+    *,
+    actor: UserId,
+    session_id: SessionId,
+    approval_id: ApprovalId,
+    decision: Decision,
+    reason: str | None,
+    arguments: JSONObject | None,
+    idempotency: IdempotentRequest | None,
+) -> Approval:
     taken: TakenRun | None = None
-    committed = False
+    committing = committed = False
     try:
         async with deps.uow_factory() as uow:
+            if idempotency is not None:
+                response = await stored_response(uow, user_id=actor, request=idempotency)
+                if response is not None:
+                    return approval_from_json(response)
             session = await uow.sessions.get_owned(session_id, owner=actor)
             if session is None:
                 raise NotFound(SESSION_NOT_FOUND)
@@ -63,10 +113,25 @@ async def decide_approval(
             decided = pending.decide(decision, by=actor, at=now, reason=reason, arguments=arguments)
             await uow.approvals.save_decision(decided)
             requeued = await _resolve(uow, deps, decided)
+            if idempotency is not None:
+                await remember_response(
+                    uow,
+                    deps,
+                    user_id=actor,
+                    request=idempotency,
+                    response=approval_to_json(decided),
+                )
             if requeued and deps.executor is not None:
                 taken = await deps.executor.take(uow, decided.run_id, now=now)
+            committing = True
             await uow.commit()
             committed = True
+    except (Unavailable, asyncio.CancelledError):
+        # The COMMIT's outcome is unknown (the connection went, or this request was cancelled
+        # while it ran): carry the run out as if it committed. If it did not, the turn's first
+        # write is fenced by the lease that never was, and stops it before any tool or model.
+        committed = committing
+        raise
     finally:
         # A run committed as ours is carried out whatever happens next (even this request
         # being cancelled); a slot reserved for a transaction that did not commit is freed.
@@ -89,9 +154,63 @@ async def decide_approval(
         },
     )
     deps.broker.run_changed(decided.run_id)
+    deps.broker.data_changed()
     if requeued and taken is None:
         deps.broker.work_available()
     return decided
+
+
+async def list_approvals(
+    deps: ServiceDeps,
+    *,
+    actor: UserId,
+    status: ApprovalStatus | None,
+    cursor: str | None,
+    limit: int,
+) -> Page[Approval]:
+    """The actor's approvals across all sessions, oldest first; ``pending`` ones are those a
+    person can still decide (not past their time)."""
+    after = uuid_cursor(cursor)
+    async with deps.uow_factory(write=False, transaction=False) as uow:  # one statement
+        found = await uow.approvals.list_owned(
+            owner=actor, status=status, now=deps.clock.now(), after=after, limit=limit + 1
+        )
+    return page_of(found, limit, lambda approval: str(approval.id))
+
+
+def approval_to_json(approval: Approval) -> JSONObject:
+    """An approval as JSON values (for stored idempotent responses)."""
+    data = approval_data(approval)
+    del data["approval_id"]
+    return {
+        **data,
+        "created_at": approval.created_at.isoformat(),
+        "tool_call_id": approval.tool_call_id,
+    }
+
+
+def approval_from_json(data: JSONObject) -> Approval:
+    """The approval stored by ``approval_to_json``."""
+
+    def at(value: str | None) -> datetime | None:
+        return None if value is None else datetime.fromisoformat(value)
+
+    return Approval(
+        id=ApprovalId(uuid.UUID(data["id"])),
+        run_id=RunId(uuid.UUID(data["run_id"])),
+        session_id=SessionId(uuid.UUID(data["session_id"])),
+        tool=data["tool"],
+        arguments=data["arguments"],
+        decided_arguments=data["decided_arguments"],
+        asked_because=data["asked_because"],
+        status=ApprovalStatus(data["status"]),
+        decided_by=None if data["decided_by"] is None else UserId(uuid.UUID(data["decided_by"])),
+        decided_at=at(data["decided_at"]),
+        reason=data["reason"],
+        expires_at=datetime.fromisoformat(data["expires_at"]),
+        created_at=datetime.fromisoformat(data["created_at"]),
+        tool_call_id=data["tool_call_id"],
+    )
 
 
 async def expire_approvals(deps: ServiceDeps, *, limit: int = 100) -> int:
@@ -112,6 +231,7 @@ async def expire_approvals(deps: ServiceDeps, *, limit: int = 100) -> int:
         expired += 1
         deps.broker.run_changed(approval.run_id)
     if expired:
+        deps.broker.data_changed()
         deps.broker.work_available()
     return expired
 
@@ -146,7 +266,7 @@ async def _resolve(uow: UnitOfWork, deps: ServiceDeps, decided: Approval) -> boo
                     "approval_id": str(decided.id),
                     "tool": decided.tool,
                     "status": decided.status.value,
-                    "arguments": decided.arguments,
+                    "arguments": decided.arguments_to_use,
                     "reason": decided.reason,
                     "decided_by": None if decided.decided_by is None else str(decided.decided_by),
                 },

@@ -133,9 +133,9 @@ class Executor:
         self.supervisor = supervisor
         self._tasks: set[asyncio.Task[None]] = set()
         self._reserved = 0
+        """Slots promised to runs being started by requests of this process (``reserve``)."""
         self._turns: dict[RunId, _Turn] = {}
         """The turns in progress, by run: whose leases the lease keeper renews."""
-        """Slots promised to runs being started by requests of this process (``reserve``)."""
         self._stopping = False
         self.writer = EventWriter(deps)
         self._models = _OpenModels(options.model_options)
@@ -324,6 +324,8 @@ class Executor:
                         self._reserved -= free
                     for run, start in claimed:
                         self._spawn(run, start, how=CLAIMED)
+                    if claimed:
+                        self.deps.broker.data_changed()  # queued (or taken over) → running
                     if len(claimed) < free:
                         break  # nothing more is waiting
                 loop.working()
@@ -759,6 +761,7 @@ class _Turn:
             messages=outcome.messages,
         )
         self.deps.broker.run_changed(self.run_id, stored)
+        self.deps.broker.data_changed()
 
     async def _finish(self, outcome: TurnOutcome) -> None:
         self.ending = True
@@ -801,6 +804,7 @@ class _Turn:
             messages=outcome.messages,
         )
         self.deps.broker.run_changed(self.run_id, stored)
+        self.deps.broker.data_changed()
 
     async def _fail(self, reason: str) -> None:
         self.ending = True
@@ -826,6 +830,7 @@ class _Turn:
             await uow.commit()
         self.executor.forget_history(self.claimed.run.session_id)
         self.deps.broker.run_changed(self.run_id, stored)
+        self.deps.broker.data_changed()
 
     # -- writing --------------------------------------------------------------------------
 
@@ -1037,6 +1042,6 @@ async def _interrupted_tool_calls(uow: UnitOfWork, claimed: ClaimedRun) -> str |
 
 def _answer(approval: Approval) -> Answer:
     if approval.status is ApprovalStatus.APPROVED:
-        return Answer(approved=True, arguments=approval.arguments)
+        return Answer(approved=True, arguments=approval.arguments_to_use)
     reason = approval.reason or ("expired" if approval.status is ApprovalStatus.EXPIRED else None)
     return Answer(approved=False, reason=reason)

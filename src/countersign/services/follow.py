@@ -18,6 +18,8 @@ from countersign.supervisor import Loop
 
 SWEEP_CHUNK = 500
 FOLLOW_LOOP = "stream follower"
+GONE = 2**62
+"""The newest seq given for a run no longer in the database: past anything a stream saw."""
 
 
 async def sweep_followed_runs(deps: ServiceDeps) -> int:
@@ -25,9 +27,13 @@ async def sweep_followed_runs(deps: ServiceDeps) -> int:
     followed = deps.broker.followed_runs()
     woken = 0
     for start in range(0, len(followed), SWEEP_CHUNK):
+        chunk = followed[start : start + SWEEP_CHUNK]
         async with deps.uow_factory(write=False, transaction=False) as uow:  # one statement
-            newest = await uow.runs.newest_seqs(followed[start : start + SWEEP_CHUNK])
-        woken += deps.broker.found_in_database(newest)
+            newest = await uow.runs.newest_seqs(chunk)
+        # A run that is gone (its session was deleted) wakes its followers too: they read,
+        # find it missing and end their streams.
+        gone = {run_id: GONE for run_id in chunk if run_id not in newest}
+        woken += deps.broker.found_in_database({**newest, **gone})
     return woken
 
 

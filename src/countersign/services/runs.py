@@ -6,12 +6,13 @@ the executor; the turn itself happens in ``services/executor.py``, never in the 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
 from countersign.db.uow import UnitOfWork
-from countersign.domain.errors import Conflict, InvalidInput, NotFound, RunActive
+from countersign.domain.errors import Conflict, InvalidInput, NotFound, RunActive, Unavailable
 from countersign.domain.events import EventType, NewEvent, RunEvent
 from countersign.domain.models import (
     JSONObject,
@@ -76,6 +77,8 @@ async def start_run(
                     return started_from_json(response)
             await _refuse_if_active(uow, session_id)
         raise
+    if not started.replayed:
+        deps.broker.data_changed()
     if not started.handed_off and not started.replayed:
         deps.broker.work_available()
     return started
@@ -92,6 +95,7 @@ async def _start_run(
     executor = deps.executor
     lease: Lease | None = None
     handed: tuple[Run, TurnContext] | None = None
+    pending_hand_off: tuple[Run, TurnContext] | None = None
     try:
         async with deps.uow_factory() as uow:
             if idempotency is not None:
@@ -141,9 +145,16 @@ async def _start_run(
                 await remember_response(
                     uow, deps, user_id=actor, request=idempotency, response=started_to_json(started)
                 )
-            await uow.commit()
             if context is not None:
-                handed = (run, context)
+                pending_hand_off = (run, context)
+            await uow.commit()
+            handed = pending_hand_off
+    except (Unavailable, asyncio.CancelledError):
+        # The COMMIT's outcome is unknown (the connection went, or this request was cancelled
+        # while it ran): hand the run over as if it committed. If it did not, the turn's
+        # first write is fenced by a lease that never was, and stops it.
+        handed = pending_hand_off
+        raise
     finally:
         # Whatever happens after the commit (even this request being cancelled), a run
         # committed as ours is handed over; a reserved slot is never lost.
@@ -238,6 +249,7 @@ async def cancel_run(
         cancelled = await uow.runs.get(run.id, session_id=session_id)
         await uow.commit()
     deps.broker.run_changed(run.id)
+    deps.broker.data_changed()
     assert cancelled is not None
     return cancelled
 

@@ -26,6 +26,7 @@ from countersign.domain.models import (
     decode_cursor,
 )
 from countersign.services import ServiceDeps, page_of, uuid_cursor
+from countersign.services.feed import deleted_session_note
 from countersign.services.idempotency import (
     IdempotentRequest,
     remember_response,
@@ -97,16 +98,25 @@ async def _create_session(
                 uow, deps, user_id=actor, request=idempotency, response=session_to_json(session)
             )
         await uow.commit()
+    deps.broker.data_changed()
     return session
 
 
 async def list_sessions(
-    deps: ServiceDeps, *, actor: UserId, cursor: str | None, limit: int
+    deps: ServiceDeps,
+    *,
+    actor: UserId,
+    cursor: str | None,
+    limit: int,
+    title_contains: str | None = None,
 ) -> Page[Session]:
-    """The actor's sessions, newest first, one page at a time."""
+    """The actor's sessions, newest first, one page at a time; with ``title_contains``, only
+    those whose title contains it (any case)."""
     before = uuid_cursor(cursor)
     async with deps.uow_factory(write=False) as uow:
-        sessions = await uow.sessions.list_owned(owner=actor, before=before, limit=limit + 1)
+        sessions = await uow.sessions.list_owned(
+            owner=actor, before=before, limit=limit + 1, title_contains=title_contains
+        )
     return page_of(sessions, limit, lambda session: str(session.id))
 
 
@@ -130,6 +140,7 @@ async def update_session(
         edited = session.edited(title=title, status=status, at=deps.clock.now())
         await uow.sessions.update(edited)
         await uow.commit()
+    deps.broker.data_changed()
     return edited
 
 
@@ -138,6 +149,7 @@ async def delete_session(deps: ServiceDeps, *, actor: UserId, session_id: Sessio
     async with deps.uow_factory() as uow:
         await uow.sessions.delete_owned(session_id, owner=actor)
         await uow.commit()
+    deps.broker.data_changed(deleted_session_note(actor, session_id))
 
 
 async def list_messages(

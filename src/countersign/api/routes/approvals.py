@@ -7,12 +7,13 @@ import uuid
 
 from fastapi import APIRouter
 
-from countersign.api.deps import AuthenticatedRoute, CurrentUser, Services
+from countersign.api.deps import AuthenticatedRoute, CurrentUser, IdempotencyKey, Services
 from countersign.api.routes import API_PREFIX
 from countersign.api.routes.sessions import NOT_FOUND, Cursor, Limit
 from countersign.api.schemas import API_ERRORS, ApprovalDecision, ApprovalOut, ErrorBody, Page
-from countersign.domain.models import ApprovalId, SessionId
+from countersign.domain.models import ApprovalId, ApprovalStatus, SessionId
 from countersign.services import approvals, sessions
+from countersign.services.idempotency import IdempotentRequest
 
 router = APIRouter(
     prefix=f"{API_PREFIX}/sessions/{{session_id}}",
@@ -20,6 +21,33 @@ router = APIRouter(
     responses=API_ERRORS,
     route_class=AuthenticatedRoute,
 )
+
+
+inbox = APIRouter(
+    prefix=f"{API_PREFIX}/approvals",
+    tags=["approvals"],
+    responses=API_ERRORS,
+    route_class=AuthenticatedRoute,
+)
+
+
+@inbox.get("")
+async def list_approvals(
+    user: CurrentUser,
+    services: Services,
+    status: ApprovalStatus | None = None,
+    cursor: Cursor = None,
+    limit: Limit = 50,
+) -> Page[ApprovalOut]:
+    """Your approvals across all your sessions, oldest first (`status=pending`: those you can
+    still decide). Each names its `session_id`."""
+    page = await approvals.list_approvals(
+        services, actor=user.id, status=status, cursor=cursor, limit=limit
+    )
+    return Page[ApprovalOut](
+        items=[ApprovalOut.model_validate(item) for item in page.items],
+        next_cursor=page.next_cursor,
+    )
 
 
 @router.get("/pending-approvals", responses=NOT_FOUND)
@@ -50,9 +78,20 @@ async def decide_approval(
     body: ApprovalDecision,
     user: CurrentUser,
     services: Services,
+    idempotency_key: IdempotencyKey,
 ) -> ApprovalOut:
     """Approve (optionally with edited `arguments`) or reject a pending tool call; the run
-    resumes. 409 if it was already decided or has expired."""
+    resumes. 409 if it was already decided or has expired. With an `Idempotency-Key`, a
+    retry of a decision that was made answers 200 with that decision."""
+    request = (
+        None
+        if idempotency_key is None
+        else IdempotentRequest.of(
+            idempotency_key,
+            scope=f"POST /sessions/{session_id}/approvals/{approval_id}",
+            body=body.model_dump(mode="json"),
+        )
+    )
     decided = await approvals.decide_approval(
         services,
         actor=user.id,
@@ -61,5 +100,6 @@ async def decide_approval(
         decision=body.decision,
         reason=body.reason,
         arguments=body.arguments,
+        idempotency=request,
     )
     return ApprovalOut.model_validate(decided)

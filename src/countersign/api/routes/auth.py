@@ -21,6 +21,8 @@ from countersign.api.schemas import (
     AccessTokenOut,
     ErrorBody,
     LoginCreate,
+    SignInProviderOut,
+    SignInProvidersOut,
     UserCreate,
     UserOut,
 )
@@ -35,6 +37,23 @@ RATE_LIMITED: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorBody, "description": "Too many attempts; see `Retry-After`"},
     422: {"model": ErrorBody, "description": "Invalid input"},
 }
+
+
+@router.get("/providers")
+async def sign_in_providers(services: Services) -> SignInProvidersOut:
+    """Public: the configured sign-in providers (one button each on a login page), and whether
+    registration is open."""
+    return SignInProvidersOut(
+        items=[
+            SignInProviderOut(
+                name=name,
+                kind=provider.kind.value,
+                login_url=f"{API_PREFIX}/auth/oauth/{name}/login",
+            )
+            for name, provider in sorted(services.settings.oauth_providers.items())
+        ],
+        registration_open=services.settings.registration_open,
+    )
 
 
 @router.post(

@@ -1,12 +1,19 @@
-"""``/me``: who the caller is."""
+"""``/me``: who the caller is, and the live feed of changes to the caller's data."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import json
+from collections.abc import AsyncIterator
 
-from countersign.api.deps import AuthenticatedRoute, CurrentUser
+from fastapi import APIRouter, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from countersign.api.deps import AuthenticatedRoute, CurrentUser, Services
 from countersign.api.routes import API_PREFIX
+from countersign.api.routes.runs import EVENT_STREAM
 from countersign.api.schemas import API_ERRORS, UserOut
+from countersign.domain.models import UserId
+from countersign.services.feed import FeedHub, feed_events
 
 router = APIRouter(
     prefix=API_PREFIX, tags=["auth"], responses=API_ERRORS, route_class=AuthenticatedRoute
@@ -17,3 +24,26 @@ router = APIRouter(
 async def me(user: CurrentUser) -> UserOut:
     """The authenticated user."""
     return UserOut.model_validate(user)
+
+
+@router.get(
+    "/me/events", response_class=EventSourceResponse, responses=EVENT_STREAM, tags=["events"]
+)
+async def my_events(request: Request, user: CurrentUser, services: Services) -> EventSourceResponse:
+    """A live SSE feed of changes to your data across all your sessions (no replay: read the
+    state you show, having opened this feed first, then follow it). Events:
+    `approval.required` and `approval.resolved` (the approval's fields with `session_id`),
+    `run.status` (`{session_id, run_id, status}`), `session.changed` (`{session_id}`, also
+    when it was deleted); comment lines while idle. The feed ends if its client falls far
+    behind; open it again and read the state again."""
+    hub: FeedHub = request.app.state.feeds
+    return EventSourceResponse(
+        _sse(hub, user.id),
+        ping=services.settings.sse_heartbeat_seconds,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _sse(hub: FeedHub, user_id: UserId) -> AsyncIterator[ServerSentEvent]:
+    async for event in feed_events(hub, user_id):
+        yield ServerSentEvent(data=json.dumps(event.data), event=event.event)

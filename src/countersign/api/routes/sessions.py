@@ -16,6 +16,7 @@ from countersign.api.schemas import (
     SessionCreate,
     SessionOut,
     SessionUpdate,
+    Text,
 )
 from countersign.domain.models import AgentId, SessionId
 from countersign.services import sessions
@@ -63,12 +64,24 @@ async def create_session(
     return SessionOut.model_validate(session)
 
 
+TitleSearch = Annotated[
+    Text | None,
+    Query(max_length=200, description="Only sessions whose title contains this (any case)."),
+]
+
+
 @router.get("")
 async def list_sessions(
-    user: CurrentUser, services: Services, cursor: Cursor = None, limit: Limit = 20
+    user: CurrentUser,
+    services: Services,
+    cursor: Cursor = None,
+    limit: Limit = 20,
+    q: TitleSearch = None,
 ) -> Page[SessionOut]:
-    """Your sessions, newest first."""
-    page = await sessions.list_sessions(services, actor=user.id, cursor=cursor, limit=limit)
+    """Your sessions, newest first (with `q`, those whose title contains it)."""
+    page = await sessions.list_sessions(
+        services, actor=user.id, cursor=cursor, limit=limit, title_contains=q
+    )
     return Page[SessionOut](
         items=[SessionOut.model_validate(item) for item in page.items],
         next_cursor=page.next_cursor,
