@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import httpx
+import pytest
 
 from countersign.domain.models import (
     Approval,
@@ -187,6 +188,18 @@ def assert_no_server_errors(answers: list[Answers]) -> None:
     )
 
 
+def assert_no_busy_database(caplog: pytest.LogCaptureFixture) -> None:
+    """No statement met "the database is busy" (a deadlock, a serialization failure or a lock
+    timeout) anywhere, the executor's own writes included: there a victim is a turn stopped
+    and retried, which answers no request with a 5xx but is the same fault."""
+    busy = [
+        record.getMessage()
+        for record in caplog.records
+        if "database is busy" in record.getMessage()
+    ]
+    assert not busy, f"{len(busy)} statement(s) met a busy database: {busy[:3]}"
+
+
 async def all_ended(
     client: httpx.AsyncClient, account: Account, runs: list[Waiting]
 ) -> list[dict[str, object]]:
@@ -300,7 +313,10 @@ async def check_outcomes(
 
 
 async def test_a_decision_and_a_cancel_at_once_never_deadlock(
-    client: httpx.AsyncClient, make_account: MakeAccount, services: ServiceDeps
+    client: httpx.AsyncClient,
+    make_account: MakeAccount,
+    services: ServiceDeps,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """100 runs at an approval; each gets an approve and a cancel at the same moment. No 5xx;
     either the decision wins (200, and the cancel 200 or 409) or the cancel (200, and the
@@ -317,10 +333,14 @@ async def test_a_decision_and_a_cancel_at_once_never_deadlock(
     winners = await check_outcomes(client, account, services, waiting, answers)
     assert set(winners) <= {"decide", "cancel"}, winners
     assert sum(winners.values()) == PAIRS
+    assert_no_busy_database(caplog)
 
 
 async def test_expiry_sweeps_racing_with_decisions_and_cancels_never_deadlock(
-    client: httpx.AsyncClient, make_account: MakeAccount, services: ServiceDeps
+    client: httpx.AsyncClient,
+    make_account: MakeAccount,
+    services: ServiceDeps,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """As above, with expiry sweeps (as if the approvals' time had just run out) starting at
     the same moment. The sweeps never fail; each approval is decided once, by whichever came
@@ -338,6 +358,7 @@ async def test_expiry_sweeps_racing_with_decisions_and_cancels_never_deadlock(
     assert sum(winners.values()) == PAIRS
     # Each approval was expired by one sweep at most: the sweeps' count is the expiry wins.
     assert sum(outcome for outcome in swept if isinstance(outcome, int)) == winners["expiry"]
+    assert_no_busy_database(caplog)
 
 
 async def run_waiting_at_two(services: ServiceDeps, session_id: str) -> tuple[str, list[str]]:

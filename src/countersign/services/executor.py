@@ -690,11 +690,20 @@ class _Turn:
         if changed.items:
             self.tail = self.run_id
 
-    async def _store_messages(self, uow: UnitOfWork, outcome: TurnOutcome) -> JSONObject:
-        """Store the turn's final history where it differs from what is stored; the run's
-        values that go with it."""
+    def _final_messages(self, outcome: TurnOutcome) -> tuple[_Messages, _Messages]:
+        """The turn's final history and the part of it that differs from what is stored."""
         messages = _Messages(outcome.new_start, outcome.new_messages)
-        changed = self._changed(messages)
+        return messages, self._changed(messages)
+
+    async def _store_messages(
+        self, uow: UnitOfWork, messages: _Messages, changed: _Messages
+    ) -> None:
+        """Store the turn's final history where it differs from what is stored.
+
+        Called after the run's own UPDATE: the run first, then its rows elsewhere, the one
+        lock order (a cancel updates the run, then deletes the run's messages), so that a
+        turn ending while it is cancelled queues behind the cancel instead of deadlocking.
+        """
         if changed.start < self.stored_length:
             await uow.history.truncate(self.claimed.run.session_id, after=changed.start)
         await uow.history.append(
@@ -705,7 +714,6 @@ class _Turn:
             at=self.deps.clock.now(),
         )
         self._stored(messages, changed)
-        return {"history_seq": self.stored_length}
 
     async def _pause(self, outcome: TurnOutcome) -> None:
         self.ending = True
@@ -742,17 +750,19 @@ class _Turn:
                     )
                 )
             written = [*self._take_pending(), *events]
+            messages, changed = self._final_messages(outcome)
             stored = await self._append(
                 uow,
                 written,
                 values={
                     "status": RunStatus.AWAITING_APPROVAL.value,
-                    **await self._store_messages(uow, outcome),
+                    "history_seq": messages.start + len(messages.items),
                     "owner": None,
                     "lease_expires_at": None,
                 },
                 checkpoint_after=len(written),
             )
+            await self._store_messages(uow, messages, changed)
             await uow.commit()
         self.executor.remember_history(
             self.claimed.run.session_id,
@@ -778,6 +788,7 @@ class _Turn:
                 run_id=self.run_id,
                 at=now,
             )
+            messages, changed = self._final_messages(outcome)
             stored = await self._append(
                 uow,
                 [
@@ -790,12 +801,13 @@ class _Turn:
                 ],
                 values={
                     "status": RunStatus.SUCCEEDED.value,
-                    **await self._store_messages(uow, outcome),
+                    "history_seq": messages.start + len(messages.items),
                     "finished_at": now,
                     "owner": None,
                     "lease_expires_at": None,
                 },
             )
+            await self._store_messages(uow, messages, changed)
             await uow.commit()
         self.executor.remember_history(
             self.claimed.run.session_id,
