@@ -268,6 +268,9 @@ class Settings(BaseSettings):
     """Text deltas are committed in batches at most this far apart (a batch per 64 deltas)."""
     sse_heartbeat_seconds: float = Field(default=15.0, gt=0, le=300)
     """An event stream with nothing to send says so with a comment line this often."""
+    feed_recheck_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """An open ``/me/events`` feed checks its credential again this often, and ends once the
+    credential is no longer valid (logged out, expired, key deleted, account disabled)."""
 
     public_url: str | None = None
     """The server's address as browsers reach it (``https://chat.example.com``); OAuth redirect

@@ -41,6 +41,42 @@ async def ask(client: httpx.AsyncClient, account: Account, session_id: str, name
     return approval_id
 
 
+async def test_history_pages_upward_from_its_newest_message(
+    client: httpx.AsyncClient, make_account: MakeAccount
+) -> None:
+    """`order=desc` lists a session's messages newest first, and its cursor goes on further
+    back, so a page can show the end of a long history first; a bad order is a 422."""
+    account = await make_account()
+    session_id = await new_session(client, account)
+    for index in range(3):
+        run_id = (await send(client, account, session_id, f"message {index}"))["run"]["id"]
+        await events(client, account, session_id, run_id)
+    seqs: list[int] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        query = "order=desc&limit=4" + (f"&cursor={cursor}" if cursor else "")
+        page = await client.get(
+            f"{API}/sessions/{session_id}/messages?{query}", headers=account.headers
+        )
+        assert page.status_code == 200, page.text
+        seqs += [item["seq"] for item in page.json()["items"]]
+        pages += 1
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 2
+    oldest_first = await client.get(
+        f"{API}/sessions/{session_id}/messages?limit=100", headers=account.headers
+    )
+    assert seqs == [item["seq"] for item in oldest_first.json()["items"]][::-1]
+    assert len(seqs) == 6
+    bad = await client.get(
+        f"{API}/sessions/{session_id}/messages?order=sideways", headers=account.headers
+    )
+    assert bad.status_code == 422
+
+
 # --- sign-in providers ---------------------------------------------------------------------
 
 
@@ -304,6 +340,7 @@ class FeedReader:
         self.items: list[tuple[str, dict[str, Any]]] = []
         self.changed = asyncio.Event()
         self.opened = asyncio.Event()
+        self.ended = asyncio.Event()
 
     async def wait_for(self, event: str, **fields: Any) -> dict[str, Any]:
         async with asyncio.timeout(WAIT):
@@ -329,6 +366,7 @@ async def feed_of(base_url: str, account: Account) -> AsyncIterator[FeedReader]:
             async for sse in source.aiter_sse():
                 reader.items.append((sse.event, json.loads(sse.data)))
                 reader.changed.set()
+        reader.ended.set()
 
     task = asyncio.create_task(read())
     try:
@@ -404,6 +442,37 @@ async def test_the_feed_tells_its_user_of_runs_approvals_and_sessions_and_no_one
                 if name == "run.status"
             ]
             assert all(a != b for a, b in itertools.pairwise(statuses))
+
+
+async def test_a_feed_ends_once_its_credential_is_no_longer_valid(
+    database: TestDatabase, tmp_path: Path
+) -> None:
+    """The feed checks its credential again every COUNTERSIGN_FEED_RECHECK_SECONDS: a deleted
+    API key ends the feed it opened; a feed whose key stays valid goes on."""
+    from countersign.services.accounts import create_api_key
+
+    async with (
+        running_app(database, tmp_path, feed_recheck_seconds=0.2) as harness,
+        served_over_tcp(harness.app) as url,
+    ):
+        services = harness.app.state.services
+        key, secret = await create_api_key(services, email=harness.account.user.email, name="tab")
+        doomed = Account(user=harness.account.user, key=secret)
+        async with feed_of(url, doomed) as ending, feed_of(url, harness.account) as staying:
+            await asyncio.sleep(0.5)  # two rechecks pass: both keys are valid
+            assert not ending.ended.is_set()
+            assert not staying.ended.is_set()
+            deleted = await harness.client.delete(
+                f"{API}/api-keys/{key.id}", headers=harness.account.headers
+            )
+            assert deleted.status_code == 204
+            async with asyncio.timeout(WAIT):
+                await ending.ended.wait()
+            await asyncio.sleep(0.5)
+            assert not staying.ended.is_set()
+            # The feed that goes on still carries events.
+            session_id = await new_session(harness.client, harness.account)
+            await staying.wait_for("session.changed", session_id=session_id)
 
 
 async def test_the_feed_needs_credentials(client: httpx.AsyncClient) -> None:

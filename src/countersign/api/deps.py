@@ -61,23 +61,27 @@ async def authenticate_request(request: Request) -> Caller:
     known: Caller | None = getattr(request.state, "caller", None)
     if known is not None:
         return known
-    services = get_services(request)
+    credential = request_credential(request)
+    caller = await authenticate(get_services(request), credential=credential)
+    if request.headers.get("Authorization") is None and request.method not in SAFE_METHODS:
+        check_csrf(request, access_token=credential)
+    request.state.caller = caller
+    return caller
+
+
+def request_credential(request: Request) -> str:
+    """The request's bearer credential, else its login cookie; Unauthenticated if neither."""
     authorization = request.headers.get("Authorization")
     if authorization is not None:
         scheme, _, credential = authorization.strip().partition(" ")
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential:
             raise Unauthenticated(AUTHENTICATION_REQUIRED)
-        caller = await authenticate(services, credential=credential)
-    else:
-        token = request.cookies.get(SESSION_COOKIE)
-        if not token:
-            raise Unauthenticated(AUTHENTICATION_REQUIRED)
-        caller = await authenticate(services, credential=token)
-        if request.method not in SAFE_METHODS:
-            check_csrf(request, access_token=token)
-    request.state.caller = caller
-    return caller
+        return credential
+    token = request.cookies.get(SESSION_COOKIE)
+    if not token:
+        raise Unauthenticated(AUTHENTICATION_REQUIRED)
+    return token
 
 
 async def get_current_caller(

@@ -439,6 +439,19 @@ class MessageRepository:
     def __init__(self, db_session: AsyncSession) -> None:
         self._db = db_session
 
+    async def list_newest(
+        self, session_id: SessionId, *, before_seq: int | None, limit: int
+    ) -> list[Message]:
+        """Up to ``limit`` messages with ``seq`` below ``before_seq`` (any, if None), newest
+        first."""
+        conditions = [MessageRow.session_id == session_id]
+        if before_seq is not None:
+            conditions.append(MessageRow.seq < before_seq)
+        rows = await self._db.scalars(
+            select(MessageRow).where(*conditions).order_by(MessageRow.seq.desc()).limit(limit)
+        )
+        return [_message(row) for row in rows]
+
     async def list(self, session_id: SessionId, *, after_seq: int, limit: int) -> list[Message]:
         """Up to ``limit`` messages with ``seq`` above ``after_seq``, oldest first."""
         rows = await self._db.scalars(

@@ -6,11 +6,11 @@ first, so that nothing falls between the two). One ``FeedHub`` per process looks
 database for every feed it serves at once (three statements per look, however many feeds are
 open): on a wake-up from the broker (a change here, or, on PostgreSQL, a NOTIFY from another
 process) and at least once a second while any feed is open, so a lost wake-up costs latency,
-never an event. Each look reads what was written since a little before the previous one
-(``OVERLAP``: a transaction may commit after its timestamp) and sends only what differs from
-what was last sent, so an overlap never repeats an event. (When the first feed of an idle hub
-opens, its first look may send changes of the few seconds before: harmless, as every event
-says what something is now.)
+never an event. Each look reads what was written since a while before the previous one
+(``OVERLAP``, 35 s: a transaction may commit well after its timestamp) and sends only what
+differs from what was last sent, so an overlap never repeats an event. (When the first feed
+of an idle hub opens, its first look may send changes of the half minute before: harmless,
+as every event says what something is now.)
 
 What a deletion removes cannot be read; it travels as a note in the wake-up itself
 (``session.deleted <owner> <session>``) and becomes a ``session.changed``.
@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,8 +37,10 @@ from countersign.supervisor import Loop
 logger = logging.getLogger(__name__)
 
 FEED_LOOP = "user feeds"
-OVERLAP = timedelta(seconds=5)
-"""How far before its previous look each look reads again."""
+OVERLAP = timedelta(seconds=35)
+"""How far before its previous look each look reads again: longer than a transaction can take
+to commit after its timestamp (statements are cut at ``COUNTERSIGN_DB_STATEMENT_TIMEOUT_MS``,
+30 s by default), so that a late commit is still seen."""
 LOOK_EVERY = 1.0
 """The longest wait between two looks while a feed is open (seconds)."""
 MIN_GAP = 0.05
@@ -119,6 +121,7 @@ class FeedHub:
         while True:
             if not self._feeds:
                 self._since = None  # nobody follows: the next feed starts from its opening
+                loop.working()  # nothing to look at is not a failing look
                 await self._opened.wait()
                 self._opened.clear()
             notes = await self.deps.broker.wait_for_changes(LOOK_EVERY)
@@ -225,11 +228,30 @@ def approval_data(approval: Approval) -> dict[str, Any]:
     }
 
 
-async def feed_events(hub: FeedHub, user_id: UserId) -> AsyncIterator[FeedEvent]:
-    """The user's feed events as they come, until the feed falls too far behind."""
+async def feed_events(
+    hub: FeedHub,
+    user_id: UserId,
+    *,
+    still_valid: Callable[[], Awaitable[bool]] | None = None,
+    recheck_every: float = 30.0,
+) -> AsyncIterator[FeedEvent]:
+    """The user's feed events as they come, until the feed falls too far behind, or until
+    ``still_valid`` (asked every ``recheck_every`` seconds) says the caller's credential is
+    no longer valid."""
     with hub.open(user_id) as feed:
+        recheck_at = time.monotonic() + recheck_every
         while True:
-            event = await feed.next()
+            try:
+                async with asyncio.timeout(max(0.0, recheck_at - time.monotonic())):
+                    event = await feed.next()
+            except TimeoutError:
+                if still_valid is not None and not await still_valid():
+                    logger.info(
+                        "a feed of user %s ended: its credential is no longer valid", user_id
+                    )
+                    return
+                recheck_at = time.monotonic() + recheck_every
+                continue
             if event is None:
                 logger.info("a feed of user %s fell behind and was closed", user_id)
                 return

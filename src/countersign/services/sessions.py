@@ -153,13 +153,25 @@ async def delete_session(deps: ServiceDeps, *, actor: UserId, session_id: Sessio
 
 
 async def list_messages(
-    deps: ServiceDeps, *, actor: UserId, session_id: SessionId, cursor: str | None, limit: int
+    deps: ServiceDeps,
+    *,
+    actor: UserId,
+    session_id: SessionId,
+    cursor: str | None,
+    limit: int,
+    newest_first: bool = False,
 ) -> Page[Message]:
-    """A session's messages, oldest first."""
-    after_seq = _seq_cursor(cursor)
+    """A session's messages, oldest first (``newest_first``: from the newest back; the cursor
+    then names the message the next page goes on below)."""
+    seq = _seq_cursor(cursor)
     async with deps.uow_factory(write=False) as uow:
         await _owned(uow, session_id, actor)
-        messages = await uow.messages.list(session_id, after_seq=after_seq, limit=limit + 1)
+        if newest_first:
+            messages = await uow.messages.list_newest(
+                session_id, before_seq=seq if cursor is not None else None, limit=limit + 1
+            )
+        else:
+            messages = await uow.messages.list(session_id, after_seq=seq, limit=limit + 1)
     return page_of(messages, limit, lambda message: str(message.seq))
 
 

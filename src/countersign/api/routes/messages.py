@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 from sse_starlette import EventSourceResponse
 
 from countersign.api.deps import AuthenticatedRoute, CurrentUser, IdempotencyKey, Services
@@ -41,10 +41,22 @@ async def list_messages(
     services: Services,
     cursor: Cursor = None,
     limit: Limit = 50,
+    order: Annotated[
+        Literal["asc", "desc"],
+        Query(
+            description="`asc` (default): oldest first; `desc`: newest first, for paging "
+            "a long history upward from its end."
+        ),
+    ] = "asc",
 ) -> Page[MessageOut]:
-    """The session's messages, oldest first."""
+    """The session's messages, oldest first (`order=desc`: newest first)."""
     page = await sessions.list_messages(
-        services, actor=user.id, session_id=SessionId(session_id), cursor=cursor, limit=limit
+        services,
+        actor=user.id,
+        session_id=SessionId(session_id),
+        cursor=cursor,
+        limit=limit,
+        newest_first=order == "desc",
     )
     return Page[MessageOut](
         items=[MessageOut.model_validate(item) for item in page.items],
