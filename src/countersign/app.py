@@ -43,6 +43,7 @@ from countersign.api.routes import (
     runs,
     sessions,
 )
+from countersign.api.web import mount_web_console
 from countersign.broker import LocalBroker, PostgresBroker
 from countersign.config import Profile, Settings
 from countersign.db.doctor import readiness, startup_gate
@@ -148,6 +149,7 @@ def create_app(settings: Settings) -> FastAPI:
         ops.router,
     ):
         app.include_router(router)
+    mount_web_console(app)
     # Added last runs first: the request id is set before the access log line is written, and
     # the body limit answers inside both, so its 413 is enveloped, counted and logged. The
     # OAuth session (only on the OAuth routes) is innermost: its cookie goes on error answers.
