@@ -407,3 +407,20 @@ def test_bad_usage_exits_2_before_touching_the_database(tmp_path: Path) -> None:
     for name, finished in zip(BAD_USAGE, results, strict=True):
         assert finished.stderr.strip(), name
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_tools_check_lists_every_tool_an_agent_may_be_given(tmp_path: Path) -> None:
+    finished = countersign("tools", "check", env=cli_env(), cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    lines = finished.stdout.splitlines()
+    assert lines == [
+        "[ok  ] list_files (builtin, default auto)",
+        "[ok  ] read_file (builtin, default auto)",
+        "[ok  ] shell (builtin, default ask)",
+        "[ok  ] write_file (builtin, default ask)",
+    ]
+    broken = countersign(
+        "tools", "check", env=cli_env(COUNTERSIGN_PROFILE="nonsense"), cwd=tmp_path
+    )
+    assert broken.returncode == 2
+    assert_one_error(broken)

@@ -42,6 +42,7 @@ from countersign.api.routes import (
     ops,
     runs,
     sessions,
+    tools,
 )
 from countersign.api.web import mount_web_console
 from countersign.broker import LocalBroker, PostgresBroker
@@ -140,6 +141,7 @@ def create_app(settings: Settings) -> FastAPI:
         oauth.router,
         api_keys.router,
         agents.router,
+        tools.router,
         sessions.router,
         messages.router,
         runs.router,

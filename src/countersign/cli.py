@@ -27,6 +27,7 @@ from countersign.domain.errors import (
     InvalidInput,
     StartupError,
 )
+from countersign.services.tools import list_tools
 
 if TYPE_CHECKING:
     from countersign.services import ServiceDeps
@@ -46,9 +47,11 @@ cli = typer.Typer(
 db_cli = typer.Typer(help="Migrate and diagnose the database.", no_args_is_help=True)
 user_cli = typer.Typer(help="Manage users.", no_args_is_help=True)
 apikey_cli = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+tools_cli = typer.Typer(help="The tools agents may be given.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(user_cli, name="user")
 cli.add_typer(apikey_cli, name="apikey")
+cli.add_typer(tools_cli, name="tools")
 
 
 def main() -> None:
@@ -236,6 +239,17 @@ def db_check(
             if result.hint:
                 typer.echo(f"       hint: {result.hint}")
     raise typer.Exit(0 if report.ok else 1)
+
+
+@tools_cli.command("check")
+def tools_check() -> None:
+    """List every tool an agent may be given, one line each: exit 0 when all are usable, 1
+    when one is not."""
+    _settings()  # a bad configuration stops here, in one sentence
+    for tool in list_tools():
+        origin = tool.source if tool.server is None else f"{tool.source} {tool.server}"
+        typer.echo(f"[ok  ] {tool.name} ({origin}, default {tool.default_policy.value})")
+    raise typer.Exit(0)
 
 
 @user_cli.command("create")

@@ -450,6 +450,19 @@ async def test_agents_are_created_and_edited_with_errors_shown_at_the_field(
         listed = page.locator("li.card", has_text="careful")
         await expect(listed).to_contain_text("write_file: deny", timeout=WAIT_MS)
         await expect(listed).not_to_contain_text("shell")
+        # Rules set through the API survive an edit in the page.
+        rule = {"when": {"path": {"glob": "notes/*"}}, "policy": "auto"}
+        async with await page_api(console, page) as http:
+            agents = (await http.get("/agents")).json()["items"]
+            [careful] = [agent for agent in agents if agent["name"] == "careful"]
+            tools = [
+                {**tool, "rules": [rule]} if tool["name"] == "write_file" else tool
+                for tool in careful["tools"]
+            ]
+            patched = await http.patch(f"/agents/{careful['id']}", json={"tools": tools})
+            assert patched.status_code == 200, patched.text
+        await page.reload()
+        await expect(listed).to_contain_text("write_file: deny (+1 rules)", timeout=WAIT_MS)
         await listed.get_by_role("button", name="Edit").click()
         editing = page.get_by_role("form", name="Edit agent careful")
         await editing.get_by_label("Instructions").fill("Answer in one line.")
@@ -465,6 +478,8 @@ async def test_agents_are_created_and_edited_with_errors_shown_at_the_field(
             "read_file": "auto",
             "write_file": "deny",
         }
+        [write_file] = [tool for tool in stored["tools"] if tool["name"] == "write_file"]
+        assert write_file["rules"] == [rule]
         assert [e for e in errors if "422" not in e] == []
 
 

@@ -30,8 +30,14 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models import Model
 
-from countersign.agent.tools import ToolJournal, ToolLimits, TurnDeps, build_toolset
-from countersign.domain.models import JSONObject, ToolSetting
+from countersign.agent.tools import (
+    ASKED_BECAUSE,
+    ToolJournal,
+    ToolLimits,
+    TurnDeps,
+    build_toolset,
+)
+from countersign.domain.models import POLICY_ASK, JSONObject, ToolSetting
 
 TurnAgent = Agent[TurnDeps, str | DeferredToolRequests]
 """A profile made ready to run turns; build it once and reuse it (it costs more than a turn)."""
@@ -64,6 +70,8 @@ class ToolRequest:
     call_id: str
     tool: str
     arguments: JSONObject
+    asked_because: str = POLICY_ASK
+    """Why it waits: the tool's policy, or the argument rule that asked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +174,12 @@ async def run_turn(request: TurnRequest, sink: TurnSink) -> TurnOutcome:
             messages=messages,
             reply=None,
             requests=tuple(
-                ToolRequest(call.tool_call_id, call.tool_name, call.args_as_dict())
+                ToolRequest(
+                    call.tool_call_id,
+                    call.tool_name,
+                    call.args_as_dict(),
+                    str(output.metadata.get(call.tool_call_id, {}).get(ASKED_BECAUSE, POLICY_ASK)),
+                )
                 for call in output.approvals
             ),
         )

@@ -28,13 +28,17 @@ from typing import Any, Protocol
 
 import anyio
 from pydantic import ValidationError
-from pydantic_ai import RunContext, Tool
+from pydantic_ai import ApprovalRequired, RunContext, Tool
 from pydantic_ai.tools import ToolFuncContext
 from pydantic_ai.toolsets import FunctionToolset, ToolsetTool
 from pydantic_core import to_jsonable_python
 
+from countersign.agent.rules import ArgumentKind, check_rules, decide
 from countersign.domain.errors import InvalidInput
 from countersign.domain.models import ToolPolicy, ToolSetting
+
+ASKED_BECAUSE = "asked_because"
+"""The key of a deferred call's metadata that says why it asks (a rule, or the policy)."""
 
 
 class ToolJournal(Protocol):
@@ -305,6 +309,13 @@ _FUNCTIONS: dict[str, ToolFuncContext[TurnDeps, ...]] = {
     "shell": shell,
 }
 BUILTIN_TOOLS: frozenset[str] = frozenset(_FUNCTIONS)
+ARGUMENT_KINDS: dict[str, dict[str, ArgumentKind]] = {
+    "list_files": {"path": ArgumentKind.PATH},
+    "read_file": {"path": ArgumentKind.PATH},
+    "write_file": {"path": ArgumentKind.PATH},
+    "shell": {"command": ArgumentKind.COMMAND},
+}
+"""How argument rules read each built-in's arguments (the rest are plain text)."""
 
 
 @cache
@@ -314,11 +325,17 @@ def _reference_tool(name: str) -> Tool[TurnDeps]:
 
 
 class _BuiltinToolset(FunctionToolset[TurnDeps]):
-    """The built-in tools of one agent, journaling each call and refusing the denied ones."""
+    """The built-in tools of one agent, journaling each call and refusing the denied ones.
 
-    def __init__(self, *, denied: frozenset[str]) -> None:
+    A tool without argument rules has its policy fixed (pydantic-ai defers an ``ask`` call
+    before it reaches here); one with rules is decided here, call by call, before anything
+    is journaled: a call that must ask raises ApprovalRequired, naming the rule.
+    """
+
+    def __init__(self, *, denied: frozenset[str], ruled: dict[str, ToolSetting]) -> None:
         super().__init__()
         self._denied = denied
+        self._ruled = ruled
 
     async def call_tool(
         self,
@@ -335,9 +352,10 @@ class _BuiltinToolset(FunctionToolset[TurnDeps]):
             raise RuntimeError(f"the tool {name} was called outside an agent run")
         journal = ctx.deps.journal
         arguments: dict[str, Any] = to_jsonable_python(tool_args)
+        refusal = self._refusal(name, arguments, ctx)
         await journal.tool_started(call_id=call_id, tool=name, arguments=arguments)
         try:
-            output = await self._output(name, tool_args, ctx, tool)
+            output = refusal or await self._output(name, tool_args, ctx, tool)
         except BaseException as exc:
             # A started call must always be closed, or it would look unfinished and never be
             # retried; shielded so that a cancelled run still records it.
@@ -348,6 +366,28 @@ class _BuiltinToolset(FunctionToolset[TurnDeps]):
             raise
         await journal.tool_finished(call_id=call_id, tool=name, output=output)
         return output
+
+    def _refusal(
+        self, name: str, arguments: dict[str, Any], ctx: RunContext[TurnDeps]
+    ) -> str | None:
+        """What a call refused by its rules gets back; None when it may run. Raises
+        ApprovalRequired when it must wait for a person (approved calls are decided again on
+        the arguments as approved, so an edit cannot slip past a ``deny`` rule)."""
+        setting = self._ruled.get(name)
+        if setting is None:
+            return None
+        decision = decide(
+            setting,
+            arguments,
+            kinds=ARGUMENT_KINDS.get(name, {}),
+            workspace=ctx.deps.workspace,
+            interpreter=ctx.deps.limits.shell_interpreter,
+        )
+        if decision.policy is ToolPolicy.DENY:
+            return f"The tool {name} is not allowed with these arguments ({decision.because})."
+        if decision.policy is ToolPolicy.ASK and not ctx.tool_call_approved:
+            raise ApprovalRequired(metadata={ASKED_BECAUSE: decision.because})
+        return None
 
     async def _output(
         self,
@@ -383,8 +423,11 @@ def build_toolset(tools: Sequence[ToolSetting]) -> FunctionToolset[TurnDeps]:
         _check_known(name)
         if names.count(name) > 1:
             raise InvalidInput(f"tool {name} is listed more than once")
+    for setting in tools:
+        check_rules(setting, tool_parameters(setting.name), ARGUMENT_KINDS.get(setting.name, {}))
     toolset = _BuiltinToolset(
-        denied=frozenset(s.name for s in tools if s.policy == ToolPolicy.DENY),
+        denied=frozenset(s.name for s in tools if s.policy == ToolPolicy.DENY and not s.rules),
+        ruled={s.name: s for s in tools if s.rules},
     )
     for setting in tools:
         reference = _reference_tool(setting.name)
@@ -392,7 +435,7 @@ def build_toolset(tools: Sequence[ToolSetting]) -> FunctionToolset[TurnDeps]:
             Tool(
                 reference.function,
                 function_schema=reference.function_schema,
-                requires_approval=setting.policy == ToolPolicy.ASK,
+                requires_approval=setting.policy == ToolPolicy.ASK and not setting.rules,
                 # One at a time: the tools share a workspace, and the journal then reads in the
                 # order things happened.
                 sequential=True,
@@ -418,6 +461,20 @@ def validate_tool_arguments(tool: str, arguments: dict[str, Any]) -> dict[str, A
         ) from None
     plain: dict[str, Any] = to_jsonable_python(validated)
     return plain
+
+
+def tool_parameters(name: str) -> dict[str, Any]:
+    """A built-in tool's arguments: its JSON schema's properties."""
+    _check_known(name)
+    schema = _reference_tool(name).function_schema.json_schema
+    properties: dict[str, Any] = schema.get("properties", {})
+    return properties
+
+
+def tool_schema(name: str) -> dict[str, Any]:
+    """A built-in tool's whole JSON schema for its arguments."""
+    _check_known(name)
+    return dict(_reference_tool(name).function_schema.json_schema)
 
 
 def tool_descriptions() -> dict[str, str]:

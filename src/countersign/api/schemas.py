@@ -6,7 +6,15 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from countersign.domain.models import (
     EMAIL_MAX_LENGTH,
@@ -17,6 +25,7 @@ from countersign.domain.models import (
     RunStatus,
     SessionStatus,
     ToolPolicy,
+    ToolSetting,
 )
 from countersign.domain.text import storable
 from countersign.services.accounts import API_KEY_NAME_MAX_LENGTH, PASSWORD_MAX_LENGTH
@@ -284,20 +293,128 @@ class ApprovalDecision(Strict):
     arguments: JSONObjectIn | None = None
 
 
+class RuleConditionIn(Strict):
+    """How one argument must compare: exactly one of the four."""
+
+    equals: Text | None = Field(default=None, max_length=1_000)
+    prefix: Text | None = Field(default=None, max_length=1_000)
+    glob: Text | None = Field(
+        default=None,
+        max_length=1_000,
+        description="`*` any run of characters but `/`, `**` any run, `?` one character.",
+    )
+    regex: Text | None = Field(
+        default=None, max_length=1_000, description="RE2; must match the whole value."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        given = [name for name in ("equals", "prefix", "glob", "regex") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of equals, prefix, glob or regex")
+        return self
+
+    def pair(self) -> tuple[str, str]:
+        """The matcher and its value."""
+        for name in ("equals", "prefix", "glob", "regex"):
+            value = getattr(self, name)
+            if value:
+                return name, value
+        raise AssertionError("validated to have one")
+
+
+class ToolRuleIn(Strict):
+    """A policy for the calls whose arguments meet every condition of `when`."""
+
+    when: dict[Annotated[str, Field(min_length=1, max_length=100)], RuleConditionIn] = Field(
+        min_length=1,
+        max_length=10,
+        examples=[{"command": {"prefix": "git status"}}],
+        description="Argument name → condition; every condition must hold.",
+    )
+    policy: ToolPolicy
+
+
 class ToolSettingIn(Strict):
-    """One built-in tool an agent may call, and what happens when it does."""
+    """One tool an agent may call, what happens when it does, and argument rules."""
 
     name: Text = Field(min_length=1, max_length=100, examples=["write_file"])
     policy: ToolPolicy = Field(
         description="`auto` runs it, `ask` waits for a person's approval, `deny` refuses it."
     )
+    rules: list[ToolRuleIn] | None = Field(
+        default=None,
+        max_length=50,
+        description="Checked in order before `policy`: the first rule whose conditions all "
+        "hold decides the call's policy.",
+    )
+
+    def to_setting(self) -> ToolSetting:
+        """The domain form."""
+        return ToolSetting.from_json(
+            {
+                "name": self.name,
+                "policy": self.policy,
+                "rules": [
+                    {
+                        "when": {
+                            argument: dict([condition.pair()])
+                            for argument, condition in rule.when.items()
+                        },
+                        "policy": rule.policy,
+                    }
+                    for rule in self.rules or ()
+                ],
+            }
+        )
 
 
-class ToolSettingOut(Out):
-    """One tool of an agent and its policy."""
+class ToolOut(Out):
+    """A tool an agent may be given."""
+
+    name: str
+    source: Literal["builtin", "mcp", "plugin"]
+    server: str | None = Field(description="The MCP server it comes from (MCP tools only).")
+    description: str
+    parameters: dict[str, Any] = Field(description="Its arguments, as a JSON schema.")
+    default_policy: ToolPolicy
+
+
+class ToolList(BaseModel):
+    """Every tool an agent may be given."""
+
+    items: list[ToolOut]
+
+
+class ToolRuleOut(BaseModel):
+    """An argument rule as the agent stores it."""
+
+    when: dict[str, dict[str, str]]
+    policy: ToolPolicy
+
+
+class ToolSettingOut(BaseModel):
+    """One tool of an agent, its policy and its argument rules."""
 
     name: str
     policy: ToolPolicy
+    rules: list[ToolRuleOut] | None = Field(
+        default=None, description="Left out when the tool has none."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_setting(cls, data: Any) -> Any:
+        if isinstance(data, ToolSetting):
+            return data.to_json()
+        return data
+
+    @model_serializer(mode="wrap")
+    def _without_empty_rules(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if not data.get("rules"):
+            data.pop("rules", None)
+        return data
 
 
 class AgentCreate(Strict):

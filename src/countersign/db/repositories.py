@@ -75,7 +75,6 @@ from countersign.domain.models import (
     Session,
     SessionId,
     SessionStatus,
-    ToolPolicy,
     ToolSetting,
     TurnContext,
     User,
@@ -1281,7 +1280,7 @@ def _expect_one(result: Any, noun: str) -> None:
 
 
 def _tools_json(tools: tuple[ToolSetting, ...]) -> list[Any]:
-    return [{"name": tool.name, "policy": tool.policy.value} for tool in tools]
+    return [tool.to_json() for tool in tools]
 
 
 def _user(row: UserRow) -> User:
@@ -1322,10 +1321,7 @@ def _agent(row: AgentRow) -> Agent:
         name=row.name,
         model=row.model,
         instructions=row.instructions,
-        tools=tuple(
-            ToolSetting(name=str(item["name"]), policy=ToolPolicy(item["policy"]))
-            for item in row.tools
-        ),
+        tools=tuple(ToolSetting.from_json(item) for item in row.tools),
         is_default=row.is_default,
         created_at=row.created_at,
         updated_at=row.updated_at,

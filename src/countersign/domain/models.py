@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import sys
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -171,12 +172,72 @@ class AccessToken:
         return self.revoked_at is None and at < self.expires_at
 
 
+class RuleMatcher(StrEnum):
+    """How a rule's condition compares an argument with its value."""
+
+    EQUALS = "equals"
+    PREFIX = "prefix"
+    GLOB = "glob"
+    REGEX = "regex"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleCondition:
+    """One condition of a rule: the tool call's ``argument`` compared by ``matcher``."""
+
+    argument: str
+    matcher: RuleMatcher
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRule:
+    """A policy for the calls whose arguments meet every condition of ``when``."""
+
+    when: tuple[RuleCondition, ...]
+    policy: ToolPolicy
+
+
 @dataclass(frozen=True, slots=True)
 class ToolSetting:
-    """One tool an agent may call and its policy."""
+    """One tool an agent may call, its policy, and argument rules that come before it (the
+    first rule that matches a call decides; else the policy)."""
 
     name: str
     policy: ToolPolicy
+    rules: tuple[ToolRule, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored and API form: ``{name, policy, rules?}``."""
+        data: dict[str, Any] = {"name": self.name, "policy": self.policy.value}
+        if self.rules:
+            data["rules"] = [
+                {
+                    "when": {c.argument: {c.matcher.value: c.value} for c in rule.when},
+                    "policy": rule.policy.value,
+                }
+                for rule in self.rules
+            ]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ToolSetting:
+        """Back from ``to_json``'s form (as stored, or as the API took it)."""
+        return cls(
+            name=str(data["name"]),
+            policy=ToolPolicy(data["policy"]),
+            rules=tuple(
+                ToolRule(
+                    when=tuple(
+                        RuleCondition(argument, RuleMatcher(matcher), str(value))
+                        for argument, condition in rule["when"].items()
+                        for matcher, value in condition.items()
+                    ),
+                    policy=ToolPolicy(rule["policy"]),
+                )
+                for rule in data.get("rules") or ()
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,6 @@ from countersign.domain.models import (
     AgentId,
     JSONObject,
     Page,
-    ToolPolicy,
     ToolSetting,
     UserId,
 )
@@ -230,7 +229,7 @@ def agent_to_json(agent: Agent) -> JSONObject:
         "name": agent.name,
         "model": agent.model,
         "instructions": agent.instructions,
-        "tools": [{"name": tool.name, "policy": tool.policy.value} for tool in agent.tools],
+        "tools": [tool.to_json() for tool in agent.tools],
         "is_default": agent.is_default,
         "created_at": agent.created_at.isoformat(),
         "updated_at": agent.updated_at.isoformat(),
@@ -245,10 +244,7 @@ def agent_from_json(data: JSONObject) -> Agent:
         name=data["name"],
         model=data["model"],
         instructions=data["instructions"],
-        tools=tuple(
-            ToolSetting(name=tool["name"], policy=ToolPolicy(tool["policy"]))
-            for tool in data["tools"]
-        ),
+        tools=tuple(ToolSetting.from_json(tool) for tool in data["tools"]),
         is_default=data["is_default"],
         created_at=datetime.fromisoformat(data["created_at"]),
         updated_at=datetime.fromisoformat(data["updated_at"]),

@@ -736,6 +736,7 @@ class _Turn:
                     expires_at=expires_at,
                     created_at=now,
                     tool_call_id=tool_request.call_id,
+                    asked_because=tool_request.asked_because,
                 )
                 await uow.approvals.add(approval)
                 events.append(
@@ -746,6 +747,7 @@ class _Turn:
                             "tool": approval.tool,
                             "arguments": approval.arguments,
                             "expires_at": expires_at.isoformat(),
+                            "asked_because": approval.asked_because,
                         },
                     )
                 )

@@ -871,7 +871,7 @@ function Agents() {
         (a) => html`<li class="card">
           <strong>${a.name}</strong> <span class="muted">${a.model}${a.is_default ? " · default, read-only" : ""}</span>
           <p class="plain">${a.instructions}</p>
-          <p class="muted">${a.tools.map((t) => `${t.name}: ${t.policy}`).join(", ")}</p>
+          <p class="muted">${a.tools.map((t) => `${t.name}: ${t.policy}${t.rules ? ` (+${t.rules.length} rules)` : ""}`).join(", ")}</p>
           ${!a.is_default && html`<div class="row">
             <button type="button" class="small secondary" onClick=${() => setEditing(a)}>Edit</button>
             <button type="button" class="small danger" onClick=${async () => {
@@ -914,7 +914,7 @@ function AgentForm({ agent, catalog, onDone }) {
   const [tools, setTools] = useState(() =>
     catalog.map((tool) => {
       const own = (agent.tools || []).find((t) => t.name === tool);
-      return { name: tool, used: Boolean(own), policy: own?.policy || "ask" };
+      return { name: tool, used: Boolean(own), policy: own?.policy || "ask", rules: own?.rules || null };
     }),
   );
   const [errors, setErrors] = useState({});
@@ -922,7 +922,12 @@ function AgentForm({ agent, catalog, onDone }) {
   const save = async (event) => {
     event.preventDefault();
     setErrors({});
-    const body = { name, instructions, tools: tools.filter((t) => t.used).map(({ name: n, policy }) => ({ name: n, policy })) };
+    // Argument rules are kept as they are (they are edited through the API).
+    const body = {
+      name,
+      instructions,
+      tools: tools.filter((t) => t.used).map(({ name: n, policy, rules }) => (rules ? { name: n, policy, rules } : { name: n, policy })),
+    };
     if (model) body.model = model;
     try {
       if (agent.id) await api("PATCH", `/agents/${agent.id}`, body);
@@ -949,6 +954,7 @@ function AgentForm({ agent, catalog, onDone }) {
             onChange=${(e) => change(index, { policy: e.target.value })}>
             ${POLICIES.map((p) => html`<option value=${p}>${p}</option>`)}
           </select></label>
+          ${t.rules && html`<span class="muted">${t.rules.length} argument rule${t.rules.length === 1 ? "" : "s"} first (kept)</span>`}
         </div>`,
       )}
     </fieldset>${fieldError("tools")}

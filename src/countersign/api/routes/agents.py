@@ -115,4 +115,4 @@ async def delete_agent(agent_id: uuid.UUID, user: CurrentUser, services: Service
 def _tool_settings(tools: list[ToolSettingIn] | None) -> list[ToolSetting] | None:
     if tools is None:
         return None
-    return [ToolSetting(name=tool.name, policy=tool.policy) for tool in tools]
+    return [tool.to_setting() for tool in tools]
