@@ -407,7 +407,25 @@ class SessionRepository:
         _expect_one(result, "session")
 
     async def delete_owned(self, session_id: SessionId, *, owner: UserId) -> None:
-        """Delete the session and everything in it; NotFound if missing or not the owner's."""
+        """Delete the session and everything in it; NotFound if missing or not the owner's.
+
+        Its runs are locked first (in id order), then the session: the order in which an
+        executor's write takes them (its run, then the session its model messages point to),
+        so that deleting a session while its run writes waits for that write instead of
+        deadlocking with it.
+        """
+        await self._db.execute(
+            select(RunRow.id)
+            .where(
+                RunRow.session_id.in_(
+                    select(SessionRow.id).where(
+                        SessionRow.id == session_id, SessionRow.owner_id == owner
+                    )
+                )
+            )
+            .order_by(RunRow.id)
+            .with_for_update()
+        )
         result = await self._db.execute(
             delete(SessionRow).where(SessionRow.id == session_id, SessionRow.owner_id == owner)
         )
@@ -717,14 +735,23 @@ class RunRepository:
         """Push out the leases of these runs that ``owner`` still holds; which it holds, with
         their attempts (one statement per 500 runs)."""
         kept: set[tuple[RunId, int]] = set()
-        for start in range(0, len(run_ids), 500):
-            rows = await self._db.execute(
-                update(RunRow)
+        ordered = sorted(run_ids)
+        for start in range(0, len(ordered), 500):
+            # Locked in id order, as the event writer locks the runs of a group: two such
+            # transactions queue behind each other instead of deadlocking.
+            held = (
+                select(RunRow.id)
                 .where(
-                    RunRow.id.in_(run_ids[start : start + 500]),
+                    RunRow.id.in_(ordered[start : start + 500]),
                     RunRow.owner == owner,
                     RunRow.status == RunStatus.RUNNING.value,
                 )
+                .order_by(RunRow.id)
+                .with_for_update(key_share=True)
+            )
+            rows = await self._db.execute(
+                update(RunRow)
+                .where(RunRow.id.in_(held))
                 .values(lease_expires_at=until)
                 .returning(RunRow.id, RunRow.attempt)
             )
@@ -782,12 +809,14 @@ class RunRepository:
         lease (plus its model messages), with one INSERT of all their events.
 
         A run whose lease is gone gets LeaseLost in its place and writes nothing; the others
-        are not affected.
+        are not affected. The runs are written (so locked) in id order, as the lease keeper
+        locks them, so that the two never deadlock.
         """
-        results: list[list[RunEvent] | LeaseLost] = []
+        results: list[list[RunEvent] | LeaseLost] = [LeaseLost("not written")] * len(batches)
         every: list[RunEvent] = []
         messages: list[dict[str, Any]] = []
-        for batch in batches:
+        for index in sorted(range(len(batches)), key=lambda position: batches[position].run_id):
+            batch = batches[index]
             stored = await self._bump(
                 batch.run_id,
                 batch.events,
@@ -797,11 +826,11 @@ class RunRepository:
                 checkpoint_after=batch.checkpoint_after,
             )
             if stored is None:
-                results.append(
-                    LeaseLost(f"run {batch.run_id} is no longer held by {batch.lease.owner}")
+                results[index] = LeaseLost(
+                    f"run {batch.run_id} is no longer held by {batch.lease.owner}"
                 )
                 continue
-            results.append(stored)
+            results[index] = stored
             every.extend(stored)
             if batch.truncate:
                 await self._db.execute(
