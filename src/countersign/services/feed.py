@@ -241,16 +241,19 @@ async def feed_events(
     with hub.open(user_id) as feed:
         recheck_at = time.monotonic() + recheck_every
         while True:
-            try:
-                async with asyncio.timeout(max(0.0, recheck_at - time.monotonic())):
-                    event = await feed.next()
-            except TimeoutError:
+            # Checked before reading, so that a feed that always has an event waiting (a busy
+            # user, a slow reader) is checked too.
+            if time.monotonic() >= recheck_at:
                 if still_valid is not None and not await still_valid():
                     logger.info(
                         "a feed of user %s ended: its credential is no longer valid", user_id
                     )
                     return
                 recheck_at = time.monotonic() + recheck_every
+            try:
+                async with asyncio.timeout(max(0.0, recheck_at - time.monotonic())):
+                    event = await feed.next()
+            except TimeoutError:
                 continue
             if event is None:
                 logger.info("a feed of user %s fell behind and was closed", user_id)
