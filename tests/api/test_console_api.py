@@ -275,6 +275,31 @@ async def test_an_edit_keeps_the_proposed_arguments_beside_the_decided_ones(
     assert (item["arguments"]["path"], item["decided_arguments"]) == ("proposed.txt", edited)
 
 
+async def test_one_approval_is_read_pending_then_decided_and_only_by_its_owner(
+    client: httpx.AsyncClient, make_account: MakeAccount
+) -> None:
+    account, other = await make_account(), await make_account()
+    session_id = await new_session(client, account)
+    approval_id = await ask(client, account, session_id, "one.txt")
+    url = f"{API}/sessions/{session_id}/approvals/{approval_id}"
+    pending = await client.get(url, headers=account.headers)
+    assert pending.status_code == 200, pending.text
+    assert (pending.json()["status"], pending.json()["decided_by"]) == ("pending", None)
+    decided = await client.post(
+        url, json={"decision": "reject", "reason": "read it back"}, headers=account.headers
+    )
+    assert decided.status_code == 200
+    after = (await client.get(url, headers=account.headers)).json()
+    assert (after["status"], after["reason"]) == ("rejected", "read it back")
+    assert after["decided_by"] == str(account.user.id)
+    assert after == decided.json()
+    theirs = await client.get(url, headers=other.headers)
+    missing = await client.get(
+        f"{API}/sessions/{session_id}/approvals/{uuid.uuid4()}", headers=account.headers
+    )
+    assert theirs.status_code == missing.status_code == 404
+
+
 async def test_every_event_carries_when_it_was_recorded(
     client: httpx.AsyncClient, make_account: MakeAccount
 ) -> None:

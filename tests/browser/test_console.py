@@ -162,6 +162,44 @@ async def test_a_reply_streams_in_and_then_equals_the_stored_message(
         assert errors == []
 
 
+async def test_stop_cancels_a_reply_and_a_session_is_renamed_and_deleted(
+    browser: Any, console: Console, fake_model: FakeOpenAI
+) -> None:
+    fake_model.script(text("never finished", " text", hold_after=1))
+    async with person(browser) as (page, errors):
+        page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        await sign_up(page, console)
+        await use_fake_agent(page)
+        await new_session(page)
+        await send(page, "go on for ever")
+        assert await asyncio.to_thread(fake_model.wait_until_holding, 15)
+        await page.get_by_role("button", name="Stop").click()
+        await expect(page.get_by_role("status").filter(has_text="Run: cancelled")).to_be_visible(
+            timeout=WAIT_MS
+        )
+        await expect(page.get_by_role("button", name="Stop")).to_have_count(0)
+        fake_model.go_on()
+        await expect(page.get_by_role("button", name="Send")).to_be_enabled()
+        session_id = page.url.rsplit("/", 1)[-1]
+        async with await page_api(console, page) as http:
+            runs = (await http.get(f"/sessions/{session_id}")).json()
+            assert runs["active_run_id"] is None
+        # Rename, then delete (the confirmation is accepted).
+        await page.get_by_role("button", name="Rename").click()
+        await page.get_by_label("Title").fill("Kept for a moment")
+        await page.get_by_role("button", name="Save").click()
+        await expect(page.get_by_role("heading", name="Kept for a moment")).to_be_visible(
+            timeout=WAIT_MS
+        )
+        await expect(page.locator(".session-list")).to_contain_text("Kept for a moment")
+        await page.get_by_role("button", name="Delete session").click()
+        await expect(page.get_by_text("Choose a session")).to_be_visible(timeout=WAIT_MS)
+        await expect(page.locator(".session-list")).not_to_contain_text("Kept for a moment")
+        async with await page_api(console, page) as http:
+            assert (await http.get(f"/sessions/{session_id}")).status_code == 404
+        assert [e for e in errors if "404" not in e] == []
+
+
 async def test_reloading_mid_reply_shows_it_so_far_and_goes_on(
     browser: Any, console: Console, fake_model: FakeOpenAI
 ) -> None:
@@ -480,6 +518,16 @@ async def test_agents_are_created_and_edited_with_errors_shown_at_the_field(
         }
         [write_file] = [tool for tool in stored["tools"] if tool["name"] == "write_file"]
         assert write_file["rules"] == [rule]
+        # Editing one agent, then another: the form shows the other one's values.
+        async with await page_api(console, page) as http:
+            created = await http.post("/agents", json={"name": "second", "model": "demo"})
+            assert created.status_code == 201, created.text
+        await page.reload()
+        await listed.get_by_role("button", name="Edit").click()
+        second = page.locator("li.card", has_text="second")
+        await second.get_by_role("button", name="Edit").click()
+        other = page.get_by_role("form", name="Edit agent second")
+        await expect(other.get_by_label("Name")).to_have_value("second", timeout=WAIT_MS)
         assert [e for e in errors if "422" not in e] == []
 
 

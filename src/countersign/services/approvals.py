@@ -160,6 +160,19 @@ async def _decide(
     return decided
 
 
+async def get_approval(
+    deps: ServiceDeps, *, actor: UserId, session_id: SessionId, approval_id: ApprovalId
+) -> Approval:
+    """One approval of the actor's session, whatever its state; NotFound otherwise."""
+    async with deps.uow_factory(write=False) as uow:
+        if await uow.sessions.get_owned(session_id, owner=actor) is None:
+            raise NotFound(SESSION_NOT_FOUND)
+        found = await uow.approvals.get(approval_id, session_id=session_id)
+    if found is None:
+        raise NotFound(APPROVAL_NOT_FOUND)
+    return found
+
+
 async def list_approvals(
     deps: ServiceDeps,
     *,

@@ -128,7 +128,8 @@ function viewFromHash() {
   const hash = window.location.hash.replace(/^#\/?/, "");
   const [name, id] = hash.split("/");
   if (["approvals", "agents", "keys"].includes(name)) return { name };
-  return { name: "sessions", id: name === "sessions" ? id || null : null };
+  const valid = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(id || "");
+  return { name: "sessions", id: name === "sessions" && valid ? id : null };
 }
 
 function go(path) {
@@ -381,6 +382,9 @@ function Chat({ me, sessionId, summary, onChanged }) {
   const [editingTitle, setEditingTitle] = useState(null);
   const following = useRef(null); // the follower now: {runId, controller}
   const sending = useRef(false);
+  const disposed = useRef(false); // the Chat is gone: nothing may start or go on
+  const sendController = useRef(null);
+  const sendKey = useRef(null); // one Idempotency-Key per draft, until it is sent
   const [sendBusy, setSendBusy] = useState(false);
   const runRef = useRef(null);
   runRef.current = run;
@@ -393,8 +397,10 @@ function Chat({ me, sessionId, summary, onChanged }) {
     let olderKept = false;
     setMessages((shown) => {
       const older = shown.filter((m) => m.seq !== undefined && m.seq < first);
-      olderKept = older.length > 0;
-      return [...older, ...newest];
+      // Kept only when the new page joins onto them; after a gap (many messages came while
+      // this tab slept) the page starts afresh, and "Earlier messages" pages from it.
+      olderKept = older.length > 0 && Math.max(...older.map((m) => m.seq)) >= first - 1;
+      return olderKept ? [...older, ...newest] : newest;
     });
     if (!olderKept) setOlderCursor(page.next_cursor);
   }, [sessionId]);
@@ -419,14 +425,25 @@ function Chat({ me, sessionId, summary, onChanged }) {
     }
   };
 
+  const approvalsAsked = useRef(0);
+  const approvalsShown = useRef([]);
+  approvalsShown.current = approvals;
   const loadApprovals = useCallback(async () => {
+    const asked = ++approvalsAsked.current;
     const page = await api("GET", `/sessions/${sessionId}/pending-approvals?limit=50`);
-    setApprovals((shown) => mergeApprovals(shown, page.items));
+    if (asked !== approvalsAsked.current) return; // a newer answer is on its way
+    const settled = await settleCards(approvalsShown.current, page);
+    if (asked !== approvalsAsked.current) return;
+    setApprovals((shown) => mergeApprovals(shown, page.items, !page.next_cursor, settled));
   }, [sessionId]);
 
   // One follower at a time: a newer one (a new message's stream) supersedes an older one.
   const follow = useCallback(
     async (runId, { start, controller = new AbortController() } = {}) => {
+      if (disposed.current) {
+        controller.abort();
+        return;
+      }
       if (!start && following.current?.runId === runId) return;
       const me = { runId, controller };
       following.current?.controller.abort(); // the older follower's stream is closed
@@ -474,7 +491,7 @@ function Chat({ me, sessionId, summary, onChanged }) {
         await sleep(Math.min(300 * 2 ** attempt, 5000));
         if (!mine()) return;
       }
-      if (!mine()) return;
+      if (!mine() || disposed.current) return;
       following.current = null;
       current = { ...current, connection: "open" };
       setRun(current);
@@ -499,10 +516,13 @@ function Chat({ me, sessionId, summary, onChanged }) {
   }, [sessionId, loadMessages, loadApprovals, follow]);
 
   useEffect(() => {
+    disposed.current = false;
     refresh();
     return () => {
+      disposed.current = true;
       following.current?.controller.abort();
       following.current = null;
+      sendController.current?.abort();
     };
   }, [refresh]);
 
@@ -529,34 +549,45 @@ function Chat({ me, sessionId, summary, onChanged }) {
     setError(null);
     let runId = null;
     const controller = new AbortController();
-    // A retry of this very message (a double submit, a resent request) starts one run only.
+    sendController.current = controller;
+    // A retry of this very draft (after an error, a double submit) starts one run only.
+    sendKey.current = sendKey.current || newKey();
+    const sent = () => {
+      // The server took the message (its answer named the run): the draft is done with.
+      sendKey.current = null;
+      setDraft("");
+      sessionStorage.removeItem(draftKey(sessionId));
+      setMessages((shown) => [...shown, { id: `local-${Date.now()}`, role: "user", content }]);
+      runRef.current = emptyRun(runId);
+    };
     const stream = readEvents(`/sessions/${sessionId}/messages`, {
       method: "POST",
       body: { content },
-      headers: { "Idempotency-Key": newKey() },
+      headers: { "Idempotency-Key": sendKey.current },
       signal: controller.signal,
       onOpen: (response) => {
         const location = response.headers.get("Location") || "";
-        runId = location.split("/").pop();
+        runId = location.split("/").pop() || null;
       },
     });
     try {
       const first = await stream.next();
-      setDraft("");
-      sessionStorage.removeItem(draftKey(sessionId));
-      setMessages((shown) => [...shown, { id: `local-${Date.now()}`, role: "user", content }]);
+      sent();
       const replay = (async function* () {
         if (!first.done) yield first.value;
         yield* stream;
       })();
-      runRef.current = emptyRun(runId);
       follow(runId, { start: replay, controller });
     } catch (failure) {
-      if (failure instanceof ApiError && failure.code === "run_active") {
+      if (runId && !(failure instanceof ApiError)) {
+        // The connection broke after the server started the run: follow it from its log.
+        sent();
+        follow(runId);
+      } else if (failure instanceof ApiError && failure.code === "run_active") {
         setError(failure.message);
         const active = failure.detail?.run_id;
         if (active) follow(active);
-      } else {
+      } else if (!disposed.current) {
         setError(errorText(failure));
       }
     } finally {
@@ -622,7 +653,7 @@ function Chat({ me, sessionId, summary, onChanged }) {
         ${run && html`<span class=${`badge status-${run.status}`} role="status">Run: ${run.status.replace("_", " ")}</span>`}
         ${run?.connection === "reconnecting" && html`<span class="badge warn" role="status">Reconnecting…</span>`}
       </div>
-      <div class="log" role="log" aria-live="polite" aria-label="Conversation">
+      <div class="log" role="log" aria-live="polite" aria-label="Conversation" aria-busy=${streaming ? "true" : "false"}>
         ${olderCursor && html`<button type="button" class="small secondary older" onClick=${loadOlder}>Earlier messages</button>`}
         ${messages.map((m) => html`<${MessageView} key=${m.id} message=${m} sessionId=${sessionId} />`)}
         ${streaming && html`<${LiveReply} run=${streaming} />`}
@@ -640,6 +671,7 @@ function Chat({ me, sessionId, summary, onChanged }) {
         <label class="grow">Message<textarea rows="3" value=${draft} onKeyDown=${onKey}
           onInput=${(e) => {
             setDraft(e.target.value);
+            sendKey.current = null; // another message now
             sessionStorage.setItem(draftKey(sessionId), e.target.value);
           }}></textarea></label>
         <div class="buttons">
@@ -715,10 +747,26 @@ function LiveReply({ run }) {
 /** The cards to show: those shown already (a decided one stays, with its decision) and the
  * pending ones the server has now, oldest first. A card shown as pending that the server no
  * longer lists was decided or expired while no event said so (a missed feed event): it goes. */
-function mergeApprovals(shown, pending) {
+function mergeApprovals(shown, pending, complete, settled = []) {
   const ids = new Set(pending.map((p) => p.id));
-  const kept = shown.filter((a) => !ids.has(a.id) && a.status !== "pending");
+  const now = new Map(settled.map((a) => [a.id, a]));
+  const kept = shown
+    .map((a) => now.get(a.id) || a)
+    .filter((a) => !ids.has(a.id) && (a.status !== "pending" || !complete));
   return [...kept, ...pending].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+}
+
+/** The cards shown as pending that a whole fresh list no longer has, as they are now (decided
+ * or expired, e.g. in another tab while this one's feed was not yet open): who decided, when
+ * and why. A card whose approval is gone is left out. */
+async function settleCards(shown, page) {
+  if (page.next_cursor) return [];
+  const listed = new Set(page.items.map((a) => a.id));
+  const stale = shown.filter((a) => a.status === "pending" && !listed.has(a.id));
+  const found = await Promise.all(
+    stale.map((a) => api("GET", `/sessions/${a.session_id}/approvals/${a.id}`).catch(() => null)),
+  );
+  return found.filter(Boolean);
 }
 
 /** An approval as a feed event tells it (approval.resolved): the card's new state. */
@@ -764,7 +812,8 @@ function ApprovalCard({ approval, me, onDecided, showSession = false }) {
     }
   };
 
-  const pending = approval.status === "pending";
+  const expired = new Date(approval.expires_at).getTime() <= now;
+  const pending = approval.status === "pending" && !expired;
   const label = `Approval: ${approval.tool}`;
   return html`<article class=${`approval ${approval.status}`} aria-label=${label}>
     <div class="approval-head">
@@ -806,11 +855,19 @@ function Inbox({ me }) {
   const [items, setItems] = useState(null);
   const [cursor, setCursor] = useState(null);
   const [error, setError] = useState(null);
+  const asked = useRef(0);
+  const pagedOn = useRef(false);
+  const shownRef = useRef([]);
+  shownRef.current = items || [];
   const load = useCallback(async () => {
     try {
+      const mine = ++asked.current;
       const page = await api("GET", "/approvals?status=pending&limit=50");
-      setItems((shown) => mergeApprovals(shown || [], page.items));
-      setCursor(page.next_cursor);
+      if (mine !== asked.current) return; // a newer answer is on its way
+      const settled = pagedOn.current ? [] : await settleCards(shownRef.current, page);
+      if (mine !== asked.current) return;
+      setItems((shown) => mergeApprovals(shown || [], page.items, !page.next_cursor && !pagedOn.current, settled));
+      if (!pagedOn.current) setCursor(page.next_cursor); // else "More" keeps its own place
     } catch (failure) {
       setError(errorText(failure));
     }
@@ -824,7 +881,8 @@ function Inbox({ me }) {
   });
   const more = async () => {
     const page = await api("GET", `/approvals?status=pending&limit=50&cursor=${encodeURIComponent(cursor)}`);
-    setItems([...items, ...page.items]);
+    pagedOn.current = true;
+    setItems((shown) => [...(shown || []), ...page.items.filter((a) => !(shown || []).some((x) => x.id === a.id))]);
     setCursor(page.next_cursor);
   };
   return html`<section class="inbox">
@@ -864,7 +922,7 @@ function Agents() {
     <h2>Agents</h2>
     ${error && html`<p class="error" role="alert">${error}</p>`}
     <button type="button" onClick=${() => setEditing({ name: "", model: "", instructions: "", tools: agents.find((a) => a.is_default)?.tools || [] })}>New agent</button>
-    ${editing && html`<${AgentForm} agent=${editing} catalog=${toolCatalog(agents, editing)}
+    ${editing && html`<${AgentForm} key=${editing.id || "new"} agent=${editing} catalog=${toolCatalog(agents, editing)}
       onDone=${() => { setEditing(null); load(); }} />`}
     <ul class="cards">
       ${agents.map(

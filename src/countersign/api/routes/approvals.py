@@ -68,6 +68,21 @@ async def list_pending_approvals(
     )
 
 
+@router.get("/approvals/{approval_id}", responses=NOT_FOUND)
+async def get_approval(
+    session_id: uuid.UUID, approval_id: uuid.UUID, user: CurrentUser, services: Services
+) -> ApprovalOut:
+    """One approval of your session, pending or decided (who decided, when, why); 404 if it
+    is missing or not yours."""
+    found = await approvals.get_approval(
+        services,
+        actor=user.id,
+        session_id=SessionId(session_id),
+        approval_id=ApprovalId(approval_id),
+    )
+    return ApprovalOut.model_validate(found)
+
+
 @router.post(
     "/approvals/{approval_id}",
     responses={**NOT_FOUND, 409: {"model": ErrorBody, "description": "Already decided"}},
