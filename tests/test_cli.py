@@ -32,6 +32,7 @@ from countersign.config import normalise_database_url
 from countersign.db import migrations
 from tests.support.cli import Call, cli_env, countersign, countersign_all
 from tests.support.databases import TestDatabase
+from tests.support.plugins import plugin_folder
 from tests.support.postgres import free_port
 
 SECRET_KEY = "cli-test-secret-key-0123456789-abcdefghijkl"
@@ -424,3 +425,39 @@ def test_tools_check_lists_every_tool_an_agent_may_be_given(tmp_path: Path) -> N
     )
     assert broken.returncode == 2
     assert_one_error(broken)
+
+
+def test_serve_refuses_a_named_plugin_it_cannot_load_in_one_sentence(tmp_path: Path) -> None:
+    folder = plugin_folder(tmp_path / "site")
+    url = f"sqlite:///{tmp_path / 'plugins.db'}"
+    for plugins, named in (("broken", "'broken' could not be loaded"), ("absent", "not installed")):
+        env = cli_env(url, COUNTERSIGN_PLUGINS=plugins, PYTHONPATH=str(folder))
+        finished = countersign(
+            "serve", "--port", str(free_port()), env=env, cwd=tmp_path, timeout=REFUSAL_TIMEOUT
+        )
+        assert finished.returncode == 2, finished.stderr
+        assert named in assert_one_error(finished)
+
+
+def test_tools_check_lists_plugin_tools_and_fails_on_a_broken_plugin(tmp_path: Path) -> None:
+    folder = plugin_folder(tmp_path / "site")
+    good = countersign(
+        "tools",
+        "check",
+        env=cli_env(COUNTERSIGN_PLUGINS="greeter", PYTHONPATH=str(folder)),
+        cwd=tmp_path,
+    )
+    assert good.returncode == 0, good.stderr
+    assert "[ok  ] greet (plugin greeter, default ask)" in good.stdout.splitlines()
+    assert "[ok  ] explode (plugin greeter, default ask)" in good.stdout.splitlines()
+    assert "hidden" not in good.stdout  # installed, not named
+    bad = countersign(
+        "tools",
+        "check",
+        env=cli_env(COUNTERSIGN_PLUGINS="greeter,broken", PYTHONPATH=str(folder)),
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 1
+    assert bad.stdout.splitlines()[-1].startswith(
+        "[FAIL] plugin broken: The plugin 'broken' could not be loaded"
+    )

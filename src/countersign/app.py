@@ -57,6 +57,7 @@ from countersign.services.agents import ensure_default_agent
 from countersign.services.executor import Executor, ExecutorOptions, executor_name
 from countersign.services.feed import FEED_LOOP, FeedHub
 from countersign.services.follow import FOLLOW_LOOP, follow_loop
+from countersign.services.tools import load_tool_plugins
 from countersign.supervisor import Supervisor
 
 logger = logging.getLogger("countersign")
@@ -130,6 +131,8 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Agent conversations with streamed replies and durable human approvals.",
         lifespan=lifespan,
     )
+    # The operator named these plugins: one that cannot be loaded stops the start (exit 2).
+    load_tool_plugins(settings.plugins)
     app.state.metrics = metrics
     app.state.rate_limits = RateLimits(settings)
     app.state.oauth_providers = OAuthProviders(

@@ -27,7 +27,7 @@ from countersign.domain.errors import (
     InvalidInput,
     StartupError,
 )
-from countersign.services.tools import list_tools
+from countersign.services.tools import list_tools, load_tool_plugins
 
 if TYPE_CHECKING:
     from countersign.services import ServiceDeps
@@ -245,11 +245,24 @@ def db_check(
 def tools_check() -> None:
     """List every tool an agent may be given, one line each: exit 0 when all are usable, 1
     when one is not."""
-    _settings()  # a bad configuration stops here, in one sentence
+    settings = _settings()  # a bad configuration stops here, in one sentence
+    failed: list[str] = []
+    loaded: list[str] = []
+    for plugin in settings.plugins:
+        try:
+            load_tool_plugins([*loaded, plugin])
+        except ConfigError as exc:
+            failed.append(f"[FAIL] plugin {plugin}: {exc.message}")
+        else:
+            loaded.append(plugin)
+    load_tool_plugins(loaded)
     for tool in list_tools():
-        origin = tool.source if tool.server is None else f"{tool.source} {tool.server}"
-        typer.echo(f"[ok  ] {tool.name} ({origin}, default {tool.default_policy.value})")
-    raise typer.Exit(0)
+        origin = tool.server or tool.plugin
+        source = tool.source if origin is None else f"{tool.source} {origin}"
+        typer.echo(f"[ok  ] {tool.name} ({source}, default {tool.default_policy.value})")
+    for line in failed:
+        typer.echo(line)
+    raise typer.Exit(1 if failed else 0)
 
 
 @user_cli.command("create")

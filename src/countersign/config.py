@@ -278,6 +278,9 @@ class Settings(BaseSettings):
     oauth_providers: Annotated[dict[str, OAuthProvider], NoDecode] = Field(default_factory=dict)
     """Sign-in providers by name, as a JSON object:
     ``{"google": {"kind": "google", "client_id": "…", "client_secret": "…"}}``."""
+    plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Tool plugins to load (entry points of the group ``countersign.tools``), comma-separated;
+    an installed plugin that is not named here is not loaded."""
 
     @field_validator("database_url")
     @classmethod
@@ -309,6 +312,15 @@ class Settings(BaseSettings):
                 "is not the server's base URL; use e.g. https://chat.example.com "
                 "(no query or fragment)"
             )
+        return value
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _split_plugins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        if isinstance(value, list):
+            return list(dict.fromkeys(value))  # a name given twice is loaded once
         return value
 
     @field_validator("oauth_providers", mode="before")

@@ -161,6 +161,75 @@ def test_under_the_interpreter_a_metacharacter_never_matches_an_auto_rule(tmp_pa
     assert on_command(tool, "echo $HOME", tmp=tmp_path, interpreter=False).policy is AUTO
 
 
+def test_under_the_interpreter_no_rule_sees_through_metacharacters_so_auto_asks(
+    tmp_path: Path,
+) -> None:
+    """A tool whose own policy is auto, with deny and ask rules: `true; rm -rf x` would slip
+    past the `rm` rule under /bin/sh, so it asks instead."""
+    tool = setting(
+        "shell",
+        AUTO,
+        ({"command": {"prefix": "rm"}}, "deny"),
+        ({"command": {"prefix": "git push"}}, "ask"),
+    )
+    for command in ("true; rm -rf x", "git status && git push", "echo $(rm x)"):
+        decision = on_command(tool, command, tmp=tmp_path, interpreter=True)
+        assert decision == PolicyDecision(ASK, "the command holds shell metacharacters")
+    assert on_command(tool, "ls -la", tmp=tmp_path, interpreter=True).policy is AUTO
+    assert on_command(tool, "rm x", tmp=tmp_path, interpreter=True).policy is DENY
+
+
+def test_a_command_glob_matches_word_by_word(tmp_path: Path) -> None:
+    tmp_files = shell_rule("glob", "rm *.tmp")
+    assert on_command(tmp_files, "rm a.tmp", tmp=tmp_path).policy is AUTO
+    assert on_command(tmp_files, "rm -rf .git src a.tmp", tmp=tmp_path).policy is ASK
+    assert on_command(tmp_files, "rm 'a b.tmp'", tmp=tmp_path).policy is AUTO  # one argument
+    any_arguments = shell_rule("glob", "pytest **")
+    assert on_command(any_arguments, "pytest", tmp=tmp_path).policy is AUTO
+    assert on_command(any_arguments, "pytest -x tests/a.py", tmp=tmp_path).policy is AUTO
+    assert (
+        on_command(
+            shell_rule("glob", "** --version"), "python3 evil.py --version", tmp=tmp_path
+        ).policy
+        is AUTO
+    )
+    assert (
+        on_command(
+            shell_rule("glob", "* --version"), "python3 evil.py --version", tmp=tmp_path
+        ).policy
+        is ASK
+    )
+
+
+def test_a_regex_dot_also_matches_a_newline(tmp_path: Path) -> None:
+    tool = setting("shell", AUTO, ({"command": {"regex": "rm .*"}}, "deny"))
+    assert on_command(tool, "rm -rf x 'a\nb'", tmp=tmp_path).policy is DENY
+
+
+def test_path_values_read_as_workspace_paths(tmp_path: Path) -> None:
+    def policy(rule: dict[str, str], path: str) -> ToolPolicy:
+        tool = setting("read_file", AUTO, ({"path": rule}, "deny"))
+        return decide(tool, {"path": path}, kinds=PATH_KINDS, workspace=tmp_path).policy
+
+    assert policy({"glob": "**/.env"}, ".env") is DENY  # **/ includes the top
+    assert policy({"glob": "**/.env"}, "a/b/.env") is DENY
+    assert policy({"glob": "**/.git/**"}, ".git/config") is DENY
+    assert policy({"prefix": "notes"}, "notes/a.md") is DENY
+    assert policy({"prefix": "notes"}, "notes.sh") is AUTO  # whole components
+    assert policy({"prefix": "./secret/"}, "secret/keys") is DENY
+    assert policy({"equals": "secret/"}, "secret") is DENY
+    assert policy({"equals": "."}, ".") is DENY  # the workspace itself
+
+
+def test_an_argument_rules_cannot_read_asks(tmp_path: Path) -> None:
+    tool = setting("shell", AUTO, ({"command": {"prefix": "rm"}}, "deny"))
+    long = on_command(tool, "echo " + "x" * 20_000, tmp=tmp_path)
+    assert long.policy is ASK
+    assert "longer than rules read" in long.because
+    surrogate = on_command(tool, "echo " + chr(0xD800), tmp=tmp_path)  # a lone surrogate
+    assert surrogate.policy is ASK
+
+
 # --- checks when an agent is saved ----------------------------------------------------------
 
 
@@ -173,6 +242,8 @@ def test_under_the_interpreter_a_metacharacter_never_matches_an_auto_rule(tmp_pa
         ("shell", {"command": {"equals": ""}}, "is empty"),
         ("write_file", {"path": {"glob": "x" * 1001}}, "longer than"),
         ("shell", {}, "at least one condition"),
+        ("write_file", {"path": {"prefix": "/etc"}}, "inside the workspace"),
+        ("write_file", {"path": {"glob": "../*"}}, "inside the workspace"),
     ],
 )
 def test_rules_that_could_never_work_are_refused_naming_the_rule(

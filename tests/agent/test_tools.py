@@ -239,6 +239,16 @@ async def test_expected_errors_are_journaled_as_the_output(turn: Turn) -> None:
     assert turn.journal.records[-1] == ("finished", "call-0-0", "read_file", output)
 
 
+async def test_a_file_system_refusal_is_the_output_without_server_paths(
+    turn: Turn, workspace: Path
+) -> None:
+    output = await turn.call("write_file", path="x" * 300 + ".txt", content="x")
+
+    assert output == "write_file failed: File name too long"
+    assert str(workspace) not in output
+    assert turn.journal.records[-1] == ("finished", "call-0-0", "write_file", output)
+
+
 async def test_read_file_output_is_cut_and_says_so(workspace: Path) -> None:
     populate(workspace, {"big.txt": "x" * 500})
     turn = Turn(workspace, limits=ToolLimits(output_max_chars=100))

@@ -27,6 +27,7 @@ refused, when the tool's own policy is ``deny``).
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ MAX_CONDITIONS = 10
 """Conditions per rule."""
 MAX_VALUE_LENGTH = 1_000
 """Characters of a condition's value."""
+MAX_ARGUMENT_LENGTH = 10_000
+"""Characters of an argument rules read; a longer one cannot be evaluated (the call asks)."""
 REASON_MAX_LENGTH = 200
 """What an approval stores as the reason it asks (``asked_because``)."""
 
@@ -115,9 +118,13 @@ def _condition_problem(
         return f"the value for {argument!r} is empty"
     if len(value) > MAX_VALUE_LENGTH:
         return f"the value for {argument!r} is longer than {MAX_VALUE_LENGTH} characters"
-    if kinds.get(argument) is ArgumentKind.COMMAND and condition.matcher in (
+    kind = kinds.get(argument)
+    if kind is ArgumentKind.PATH and (value.startswith("/") or _escapes(value)):
+        return f"the path for {argument!r} must be inside the workspace (relative, no '..' out)"
+    if kind is ArgumentKind.COMMAND and condition.matcher in (
         RuleMatcher.EQUALS,
         RuleMatcher.PREFIX,
+        RuleMatcher.GLOB,
     ):
         try:
             if not shlex.split(value):
@@ -145,21 +152,22 @@ def decide(
 ) -> PolicyDecision:
     """The policy of one call with these (validated) arguments: the first matching rule's,
     else the tool's."""
+    seen = _Arguments(arguments, kinds, workspace)
     for number, rule in enumerate(setting.rules, 1):
         try:
-            matched = all(_holds(condition, arguments, kinds, workspace) for condition in rule.when)
+            matched = all(_holds(condition, seen) for condition in rule.when)
         except _Unknowable as unknown:
             policy = ToolPolicy.DENY if setting.policy is ToolPolicy.DENY else ToolPolicy.ASK
             return PolicyDecision(policy, _cut(f"rule {number} cannot be evaluated: {unknown}"))
         if not matched:
             continue
-        if (
-            rule.policy is ToolPolicy.AUTO
-            and interpreter
-            and _has_metacharacters(rule, arguments, kinds)
-        ):
+        if rule.policy is ToolPolicy.AUTO and interpreter and seen.has_metacharacters():
             continue  # /bin/sh would not run the argument list that matched
         return PolicyDecision(rule.policy, _cut(f"rule {number}: {describe(rule)}"))
+    if setting.policy is ToolPolicy.AUTO and interpreter and seen.has_metacharacters():
+        # No rule can see through what /bin/sh makes of it (a `deny` rule on `rm` would not
+        # see `true; rm x`): the tool's `auto` does not hold for it.
+        return PolicyDecision(ToolPolicy.ASK, "the command holds shell metacharacters")
     return PolicyDecision(setting.policy, f"policy {setting.policy.value}")
 
 
@@ -169,30 +177,71 @@ def describe(rule: ToolRule) -> str:
     return f"{conditions} → {rule.policy.value}"
 
 
-def _holds(
-    condition: RuleCondition,
-    arguments: Mapping[str, Any],
-    kinds: Mapping[str, ArgumentKind],
-    workspace: Path,
-) -> bool:
-    raw = arguments.get(condition.argument)
-    if not isinstance(raw, str):
-        missing = "missing" if raw is None else "not text"
-        raise _Unknowable(f"the argument {condition.argument!r} is {missing}")
-    kind = kinds.get(condition.argument, ArgumentKind.TEXT)
+class _Arguments:
+    """A call's arguments as rules read them, each worked out once per call."""
+
+    def __init__(
+        self, arguments: Mapping[str, Any], kinds: Mapping[str, ArgumentKind], workspace: Path
+    ) -> None:
+        self._arguments = arguments
+        self._kinds = kinds
+        self._workspace = workspace
+        self._read: dict[str, tuple[ArgumentKind, str, list[str] | None]] = {}
+
+    def read(self, name: str) -> tuple[ArgumentKind, str, list[str] | None]:
+        """The argument's kind, its text as compared, and (a command) its argument list."""
+        found = self._read.get(name)
+        if found is None:
+            found = self._work_out(name)
+            self._read[name] = found
+        return found
+
+    def _work_out(self, name: str) -> tuple[ArgumentKind, str, list[str] | None]:
+        raw = self._arguments.get(name)
+        if not isinstance(raw, str):
+            state = "missing" if raw is None else "not text"
+            raise _Unknowable(f"the argument {name!r} is {state}")
+        if len(raw) > MAX_ARGUMENT_LENGTH:
+            raise _Unknowable(f"the argument {name!r} is longer than rules read")
+        if not raw.isascii():
+            try:
+                raw.encode()
+            except UnicodeEncodeError:
+                raise _Unknowable(f"the argument {name!r} is not valid text") from None
+        kind = self._kinds.get(name, ArgumentKind.TEXT)
+        if kind is ArgumentKind.COMMAND:
+            words = _words(raw)
+            return kind, shlex.join(words), words
+        if kind is ArgumentKind.PATH:
+            return kind, _workspace_path(raw, self._workspace), None
+        return kind, raw, None
+
+    def has_metacharacters(self) -> bool:
+        """Whether a command argument holds a character /bin/sh gives a meaning."""
+        return any(
+            kind is ArgumentKind.COMMAND
+            and not SHELL_METACHARACTERS.isdisjoint(str(self._arguments.get(name, "")))
+            for name, kind in self._kinds.items()
+        )
+
+
+def _holds(condition: RuleCondition, seen: _Arguments) -> bool:
+    kind, text, words = seen.read(condition.argument)
     matcher, value = condition.matcher, condition.value
-    if kind is ArgumentKind.COMMAND:
-        words = _words(raw)
+    if words is not None:
         if matcher is RuleMatcher.EQUALS:
             return words == shlex.split(value)
         if matcher is RuleMatcher.PREFIX:
             expected = shlex.split(value)
             return words[: len(expected)] == expected
-        text = shlex.join(words)
-    elif kind is ArgumentKind.PATH:
-        text = _workspace_path(raw, workspace)
-    else:
-        text = raw
+        if matcher is RuleMatcher.GLOB:
+            return _words_match(shlex.split(value), words)
+    elif kind is ArgumentKind.PATH and matcher in (RuleMatcher.EQUALS, RuleMatcher.PREFIX):
+        wanted = canonical_path(value)
+        if matcher is RuleMatcher.EQUALS:
+            return text == wanted
+        # Whole components: `notes` covers `notes/a.md`, not `notes.sh`.
+        return wanted == "." or text == wanted or text.startswith(wanted + "/")
     if matcher is RuleMatcher.EQUALS:
         return text == value
     if matcher is RuleMatcher.PREFIX:
@@ -202,14 +251,36 @@ def _holds(
     return _regex(value).fullmatch(text) is not None
 
 
-def _has_metacharacters(
-    rule: ToolRule, arguments: Mapping[str, Any], kinds: Mapping[str, ArgumentKind]
-) -> bool:
-    return any(
-        kinds.get(condition.argument) is ArgumentKind.COMMAND
-        and not SHELL_METACHARACTERS.isdisjoint(str(arguments.get(condition.argument, "")))
-        for condition in rule.when
-    )
+def _words_match(patterns: list[str], words: list[str]) -> bool:
+    """A command glob, word by word: each pattern word matches one argument (``*`` stays
+    inside it), and a pattern word ``**`` alone matches any number of arguments."""
+    # reachable[j]: the pattern words so far can match the first j arguments.
+    reachable = [True] + [False] * len(words)
+    for pattern in patterns:
+        following = [False] * (len(words) + 1)
+        if pattern == "**":
+            for position in range(len(words) + 1):
+                following[position] = reachable[position] or (
+                    position > 0 and following[position - 1]
+                )
+        else:
+            compiled = _glob(pattern)
+            for position in range(1, len(words) + 1):
+                following[position] = (
+                    reachable[position - 1] and compiled.fullmatch(words[position - 1]) is not None
+                )
+        reachable = following
+    return reachable[len(words)]
+
+
+def _escapes(value: str) -> bool:
+    return canonical_path(value).split("/", 1)[0] == ".."
+
+
+def canonical_path(value: str) -> str:
+    """A path value of a rule as a workspace path reads: no ``./``, no trailing ``/``; the
+    workspace itself is ``.``."""
+    return posixpath.normpath(value.strip() or ".")
 
 
 def _words(command: str) -> list[str]:
@@ -232,17 +303,19 @@ def _workspace_path(path: str, workspace: Path) -> str:
         raise _Unknowable(f"the path cannot be resolved ({type(exc).__name__})") from None
     if candidate.is_absolute() or not resolved.is_relative_to(root):
         raise _Unknowable("the path is outside the workspace")
-    relative = resolved.relative_to(root).as_posix()
-    return "" if relative == "." else relative
+    return resolved.relative_to(root).as_posix()  # the workspace itself is "."
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=256)
 def _glob(pattern: str) -> Any:
     """A glob as a regex: ``**`` any run, ``*`` any run without ``/``, ``?`` one non-``/``."""
     parts: list[str] = []
     position = 0
     while position < len(pattern):
-        if pattern.startswith("**", position):
+        if pattern.startswith("**/", position):
+            parts.append("(?:.*/)?")  # `**/x` is x at any depth, the top included
+            position += 3
+        elif pattern.startswith("**", position):
             parts.append(".*")
             position += 2
         elif pattern[position] == "*":
@@ -258,11 +331,13 @@ def _glob(pattern: str) -> Any:
     return _regex("(?s)" + "".join(parts))
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=256)
 def _regex(pattern: str) -> Any:
     options = re2.Options()
     options.log_errors = False
-    options.max_mem = 8 << 20
+    options.never_capture = True
+    options.dot_nl = True  # `.` matches a newline too: `rm .*` covers an argument holding one
+    options.max_mem = 1 << 20
     return re2.compile(pattern, options)
 
 

@@ -33,7 +33,8 @@ from pydantic_ai.tools import ToolFuncContext
 from pydantic_ai.toolsets import FunctionToolset, ToolsetTool
 from pydantic_core import to_jsonable_python
 
-from countersign.agent.rules import ArgumentKind, check_rules, decide
+from countersign.agent.plugins import PluginTool
+from countersign.agent.rules import ArgumentKind, PolicyDecision, check_rules, decide
 from countersign.domain.errors import InvalidInput
 from countersign.domain.models import ToolPolicy, ToolSetting
 
@@ -318,9 +319,35 @@ ARGUMENT_KINDS: dict[str, dict[str, ArgumentKind]] = {
 """How argument rules read each built-in's arguments (the rest are plain text)."""
 
 
+_PLUGIN_TOOLS: dict[str, PluginTool] = {}
+"""The tools of the plugins this process loaded (``install_plugins``), by name."""
+
+
+def install_plugins(tools: dict[str, PluginTool]) -> None:
+    """Make these plugin tools (and no others) the ones agents may name in this process."""
+    _PLUGIN_TOOLS.clear()
+    _PLUGIN_TOOLS.update(tools)
+
+
+def plugin_tools() -> dict[str, PluginTool]:
+    """The plugin tools agents may name, by name."""
+    return dict(_PLUGIN_TOOLS)
+
+
+def known_tools() -> list[str]:
+    """Every tool name an agent may use: the built-ins, then the plugins' tools."""
+    return sorted(BUILTIN_TOOLS) + sorted(_PLUGIN_TOOLS)
+
+
+def _reference_tool(name: str) -> Tool[Any]:
+    """The tool as pydantic-ai sees it: its schema, validator and description."""
+    plugin = _PLUGIN_TOOLS.get(name)
+    return plugin.tool if plugin is not None else _builtin_tool(name)
+
+
 @cache
-def _reference_tool(name: str) -> Tool[TurnDeps]:
-    """The tool as pydantic-ai sees it: its schema, validator and description are built once."""
+def _builtin_tool(name: str) -> Tool[TurnDeps]:
+    """A built-in as pydantic-ai sees it: built once."""
     return Tool(_FUNCTIONS[name])
 
 
@@ -384,7 +411,11 @@ class _BuiltinToolset(FunctionToolset[TurnDeps]):
             interpreter=ctx.deps.limits.shell_interpreter,
         )
         if decision.policy is ToolPolicy.DENY:
-            return f"The tool {name} is not allowed with these arguments ({decision.because})."
+            # Which rule refused stays out of what the model reads (it would say what to
+            # avoid); the approval and the journal are where people look.
+            return f"The tool {name} is not allowed with these arguments by this agent's rules."
+        if decision.policy is ToolPolicy.AUTO and _reference_tool(name).requires_approval:
+            decision = PolicyDecision(ToolPolicy.ASK, "the plugin's tool requires approval")
         if decision.policy is ToolPolicy.ASK and not ctx.tool_call_approved:
             raise ApprovalRequired(metadata={ASKED_BECAUSE: decision.because})
         return None
@@ -398,6 +429,8 @@ class _BuiltinToolset(FunctionToolset[TurnDeps]):
     ) -> str:
         if name in self._denied:
             return f"The tool {name} is not allowed by this agent's policy."
+        if name not in BUILTIN_TOOLS:
+            return await self._plugin_output(name, tool_args, ctx, tool)
         try:
             result = await super().call_tool(name, tool_args, ctx, tool)
         except _ToolProblem as problem:
@@ -406,6 +439,24 @@ class _BuiltinToolset(FunctionToolset[TurnDeps]):
             # The file system said no (permissions, disk full, name too long...); strerror
             # rather than str(exc), which would show the server's absolute paths.
             return f"{name} failed: {exc.strerror or type(exc).__name__}"
+        return _cap(str(result), ctx.deps.limits.output_max_chars)
+
+    async def _plugin_output(
+        self,
+        name: str,
+        tool_args: dict[str, Any],
+        ctx: RunContext[TurnDeps],
+        tool: ToolsetTool[TurnDeps],
+    ) -> str:
+        """A plugin tool's output; whatever it raises (sys.exit included) is its output too,
+        so that neither the run nor the server goes down with it. A cancel still cancels."""
+        try:
+            result = await super().call_tool(name, tool_args, ctx, tool)
+        except (asyncio.CancelledError, ApprovalRequired):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a plugin's code, whatever it raises
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return _cap(f"the tool {name} failed: {detail}", ctx.deps.limits.output_max_chars)
         return _cap(str(result), ctx.deps.limits.output_max_chars)
 
 
@@ -431,11 +482,21 @@ def build_toolset(tools: Sequence[ToolSetting]) -> FunctionToolset[TurnDeps]:
     )
     for setting in tools:
         reference = _reference_tool(setting.name)
+        # A plugin's tool that requires approval asks whatever the agent says (deny still
+        # refuses); its retries, timeout and strictness go with it.
+        asks = setting.policy == ToolPolicy.ASK or (
+            reference.requires_approval and setting.policy == ToolPolicy.AUTO
+        )
         toolset.add_tool(
             Tool(
                 reference.function,
+                name=reference.name,
+                description=reference.description,
                 function_schema=reference.function_schema,
-                requires_approval=setting.policy == ToolPolicy.ASK and not setting.rules,
+                max_retries=reference.max_retries,
+                timeout=reference.timeout,
+                strict=reference.strict,
+                requires_approval=asks and not setting.rules,
                 # One at a time: the tools share a workspace, and the journal then reads in the
                 # order things happened.
                 sequential=True,
@@ -478,14 +539,16 @@ def tool_schema(name: str) -> dict[str, Any]:
 
 
 def tool_descriptions() -> dict[str, str]:
-    """Each built-in tool's name and the first line of its description."""
+    """Each tool's name and the first line of its description."""
     return {
-        name: (_reference_tool(name).description or name).splitlines()[0]
-        for name in sorted(BUILTIN_TOOLS)
+        name: ((_reference_tool(name).description or name).strip().splitlines() or [name])[0]
+        for name in known_tools()
     }
 
 
 def _check_known(name: str) -> None:
-    if name not in BUILTIN_TOOLS:
-        known = ", ".join(sorted(BUILTIN_TOOLS))
-        raise InvalidInput(f"unknown tool: {name}; built-in tools are {known}")
+    if name not in BUILTIN_TOOLS and name not in _PLUGIN_TOOLS:
+        known = f"built-in tools are {', '.join(sorted(BUILTIN_TOOLS))}"
+        if _PLUGIN_TOOLS:
+            known += f"; plugin tools are {', '.join(sorted(_PLUGIN_TOOLS))}"
+        raise InvalidInput(f"unknown tool: {name}; {known}")

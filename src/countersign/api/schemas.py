@@ -309,7 +309,11 @@ class RuleConditionIn(Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Self:
-        given = [name for name in ("equals", "prefix", "glob", "regex") if getattr(self, name)]
+        given = [
+            name
+            for name in ("equals", "prefix", "glob", "regex")
+            if getattr(self, name) is not None
+        ]
         if len(given) != 1:
             raise ValueError("give exactly one of equals, prefix, glob or regex")
         return self
@@ -318,7 +322,7 @@ class RuleConditionIn(Strict):
         """The matcher and its value."""
         for name in ("equals", "prefix", "glob", "regex"):
             value = getattr(self, name)
-            if value:
+            if value is not None:
                 return name, value
         raise AssertionError("validated to have one")
 

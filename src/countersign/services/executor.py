@@ -193,7 +193,12 @@ class Executor:
         if agent is None or agent.model is not model:
             if len(self._agents) >= MAX_CACHED_AGENTS:
                 self._agents.clear()
-            agent = build_agent(model, instructions=profile.instructions, tools=profile.tools)
+            try:
+                agent = build_agent(model, instructions=profile.instructions, tools=profile.tools)
+            except BaseException:
+                # E.g. a plugin tool the agent names is no longer loaded: the model is not used.
+                self._models.give_back(profile.model)
+                raise
             self._agents[key] = agent
         return agent, profile.model
 
