@@ -14,7 +14,7 @@ bounded by the run's ``Deadline``.
   ``in_process_app`` drives the app through ``httpx.ASGITransport``; ``in_process_server``
   serves it with uvicorn on the caller's event loop, so that responses really stream.
 - Bytes written: a SQLite database's WAL (truncated before, measured after), PostgreSQL's
-  WAL position (``pg_current_wal_lsn``).
+  WAL insert position (``pg_current_wal_insert_lsn``).
 - ``serve_silent_openai``: an OpenAI-compatible endpoint that never answers (idle runs).
 - Process counters: CPU time from the process's CPU-time clock, RSS and PostgreSQL's CPU from
   ``/proc/<pid>`` (Linux; no psutil).
@@ -672,15 +672,19 @@ def sqlite_wal_bytes(database: Path) -> int:
 
 
 async def pg_wal_lsn(server: Any) -> str:
-    """PostgreSQL's current write-ahead log position (the whole cluster's); ``server`` is a
-    ``PostgresServer`` or an asyncpg connection."""
-    return str(await server.fetchval("SELECT pg_current_wal_lsn()::text"))
+    """PostgreSQL's current write-ahead log insert position (the whole cluster's); ``server``
+    is a ``PostgresServer`` or an asyncpg connection. The insert position, not the write
+    position (``pg_current_wal_lsn``): with ``synchronous_commit = off`` a commit returns
+    before its WAL is written, and the write position would give a turn's WAL to the next."""
+    return str(await server.fetchval("SELECT pg_current_wal_insert_lsn()::text"))
 
 
 async def pg_wal_bytes_since(server: Any, lsn: str) -> int:
-    """Bytes of WAL the cluster wrote since ``lsn``."""
+    """Bytes of WAL the cluster inserted since ``lsn``."""
     return int(
-        await server.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)", lsn)
+        await server.fetchval(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)", lsn
+        )
     )
 
 

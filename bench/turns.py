@@ -67,6 +67,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -288,6 +289,11 @@ def sse_response(events: AsyncIterator[Any]) -> Any:
     )
 
 
+def _now() -> str:
+    """When an event was recorded, as Countersign's events say it (``at``)."""
+    return datetime.now(UTC).isoformat()
+
+
 def floor_app() -> FastAPI:
     """The bare floor: messages stream the events of a demo run, made up on the spot."""
     from sse_starlette import ServerSentEvent
@@ -311,7 +317,7 @@ def floor_app() -> FastAPI:
                 ("run.finished", {"status": "succeeded"}),
             ]
             for seq, (name, data) in enumerate(chunks, start=1):
-                payload = {**data, "run_id": run_id, "seq": seq, "attempt": 1}
+                payload = {**data, "run_id": run_id, "seq": seq, "attempt": 1, "at": _now()}
                 yield ServerSentEvent(data=json.dumps(payload), event=name, id=str(seq))
 
         return sse_response(events())
@@ -401,7 +407,7 @@ def pydantic_floor_app(database: Path) -> FastAPI:
             def event(name: str, data: dict[str, Any]) -> ServerSentEvent:
                 nonlocal seq
                 seq += 1
-                payload = {**data, "run_id": run_id, "seq": seq, "attempt": 1}
+                payload = {**data, "run_id": run_id, "seq": seq, "attempt": 1, "at": _now()}
                 return ServerSentEvent(data=json.dumps(payload), event=name, id=str(seq))
 
             yield event("run.started", {"attempt": 1, "resumed_from_seq": 0})
@@ -1049,7 +1055,7 @@ class SqliteWal(WrittenBytes):
 
 
 class PostgresWal(WrittenBytes):
-    """PostgreSQL: the growth of the WAL position (``pg_current_wal_lsn``) over the turn.
+    """PostgreSQL: the growth of the WAL position (``pg_current_wal_insert_lsn``) over the turn.
 
     It is the whole cluster's WAL, so on a shared server other databases' writes count too.
     Before each measured turn a ``CHECKPOINT`` and one uncounted turn on another session make
@@ -1057,7 +1063,7 @@ class PostgresWal(WrittenBytes):
     measured one: the measured turn still writes full pages for what only it touches.
     """
 
-    what = "PostgreSQL WAL bytes (pg_current_wal_lsn growth, whole cluster)"
+    what = "PostgreSQL WAL bytes (pg_current_wal_insert_lsn growth, whole cluster)"
 
     def __init__(self, connection: Any, warm: Callable[[], Awaitable[None]]) -> None:
         self.connection = connection
