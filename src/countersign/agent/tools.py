@@ -464,7 +464,7 @@ def _stopped(name: str, exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError):
         return f"the tool {name} was cancelled before it finished"
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return f"the tool {name} failed unexpectedly: {detail}"
+    return _cap(f"the tool {name} failed unexpectedly: {detail}", 2_000)
 
 
 def build_toolset(tools: Sequence[ToolSetting]) -> FunctionToolset[TurnDeps]:

@@ -599,7 +599,15 @@ function Chat({ me, sessionId, summary, onChanged }) {
   const stop = async () => {
     if (!run) return;
     try {
-      await api("POST", `/sessions/${sessionId}/runs/${run.runId}/cancel`);
+      const cancelled = await api("POST", `/sessions/${sessionId}/runs/${run.runId}/cancel`);
+      // The answer is the run as it now is: shown at once, whatever the stream still brings.
+      setRun((shown) => (shown && shown.runId === cancelled.id ? { ...shown, status: cancelled.status } : shown));
+      if (following.current?.runId === cancelled.id) {
+        following.current.controller.abort();
+        following.current = null;
+      }
+      await loadMessages();
+      onChanged();
     } catch (failure) {
       setError(errorText(failure));
     }
@@ -752,7 +760,8 @@ function mergeApprovals(shown, pending, complete, settled = []) {
   const now = new Map(settled.map((a) => [a.id, a]));
   const kept = shown
     .map((a) => now.get(a.id) || a)
-    .filter((a) => !ids.has(a.id) && (a.status !== "pending" || !complete));
+    // A card read back just now stays (an expired one not yet swept shows as expired).
+    .filter((a) => !ids.has(a.id) && (a.status !== "pending" || !complete || now.has(a.id)));
   return [...kept, ...pending].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
 }
 
@@ -815,7 +824,8 @@ function ApprovalCard({ approval, me, onDecided, showSession = false }) {
   const expired = new Date(approval.expires_at).getTime() <= now;
   const pending = approval.status === "pending" && !expired;
   const label = `Approval: ${approval.tool}`;
-  return html`<article class=${`approval ${approval.status}`} aria-label=${label}>
+  const shownStatus = approval.status === "pending" && expired ? "expired" : approval.status;
+  return html`<article class=${`approval ${shownStatus}`} aria-label=${label}>
     <div class="approval-head">
       <strong>Tool ${approval.tool}</strong>
       <span class="muted">${approval.asked_because}</span>
