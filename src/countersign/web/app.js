@@ -371,7 +371,12 @@ function applyEvent(run, message) {
   return next;
 }
 
-function Chat({ me, sessionId, summary, onChanged }) {
+function Chat({ me, sessionId, summary, onChanged: changed }) {
+  // The list's callback is new on each of its renders: read through a ref, so that a reload
+  // of the session list never restarts this chat's streams.
+  const changedRef = useRef(changed);
+  changedRef.current = changed;
+  const onChanged = useCallback(() => changedRef.current(), []);
   const [session, setSession] = useState(summary);
   const [messages, setMessages] = useState([]);
   const [olderCursor, setOlderCursor] = useState(null);
