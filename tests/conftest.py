@@ -17,7 +17,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
-from countersign.agent.tools import install_plugins
+from countersign.agent.tools import install_mcp, install_plugins
 from countersign.app import create_app
 from countersign.config import Settings
 from countersign.db.tables import Base
@@ -184,9 +184,10 @@ def make_account(services: ServiceDeps) -> Callable[[], Awaitable[Account]]:
 
 @pytest.fixture(autouse=True)
 def _no_plugins_left_over() -> Iterator[None]:
-    """Plugin tools are per process: an app built with plugins leaves none behind it."""
+    """Plugin and MCP tools are per process: an app built with them leaves none behind it."""
     yield
     install_plugins({})
+    install_mcp(None)
 
 
 def alive_rows() -> list[Base]:

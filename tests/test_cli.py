@@ -32,6 +32,7 @@ from countersign.config import normalise_database_url
 from countersign.db import migrations
 from tests.support.cli import Call, cli_env, countersign, countersign_all
 from tests.support.databases import TestDatabase
+from tests.support.mcp_server import McpHttpServer, stdio_settings
 from tests.support.plugins import plugin_folder
 from tests.support.postgres import free_port
 
@@ -461,3 +462,64 @@ def test_tools_check_lists_plugin_tools_and_fails_on_a_broken_plugin(tmp_path: P
     assert bad.stdout.splitlines()[-1].startswith(
         "[FAIL] plugin broken: The plugin 'broken' could not be loaded"
     )
+
+
+def test_tools_check_connects_to_each_mcp_server_and_fails_on_one_it_cannot_reach(
+    tmp_path: Path,
+) -> None:
+    with McpHttpServer(token="t0ken") as remote:
+        servers = {
+            "local": stdio_settings(),
+            "web": {"url": remote.url, "headers": {"Authorization": "Bearer t0ken"}},
+        }
+        good = countersign(
+            "tools", "check", env=cli_env(COUNTERSIGN_MCP_SERVERS=json.dumps(servers)), cwd=tmp_path
+        )
+        assert good.returncode == 0, good.stdout + good.stderr
+        lines = good.stdout.splitlines()
+        assert any(
+            line.startswith("[ok  ] MCP server local (stdio ") and line.endswith(": 8 tool(s)")
+            for line in lines
+        ), lines
+        assert f"[ok  ] MCP server web (http {remote.url}): 8 tool(s)" in lines
+        assert "[ok  ] local_add (mcp local, default ask)" in lines
+        assert "[ok  ] web_echo (mcp web, default ask)" in lines
+
+        servers["web"]["headers"] = {"Authorization": "Bearer wrong-t0ken"}
+        servers["list"] = stdio_settings()  # its tool "files" clashes with list_files
+        bad = countersign(
+            "tools", "check", env=cli_env(COUNTERSIGN_MCP_SERVERS=json.dumps(servers)), cwd=tmp_path
+        )
+        assert bad.returncode == 1
+        failures = [line for line in bad.stdout.splitlines() if line.startswith("[FAIL]")]
+        assert len(failures) == 2, bad.stdout
+        assert failures[0].startswith("[FAIL] MCP server web (http ")
+        assert "not reachable: " in failures[0]
+        assert failures[1] == (
+            "[FAIL] MCP server list: the tool 'files' is left out: 'list_files' is taken"
+        )
+        assert "wrong-t0ken" not in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("servers", "reason"),
+    [
+        ('{"a_b": {"command": "x"}}', "has the server name 'a_b'"),
+        ('{"a": {"command": "x", "url": "http://h/mcp"}}', "needs either a command"),
+        ('{"a": {}}', "needs either a command"),
+        ('{"a": {"url": "ftp://h/mcp"}}', "not an http(s) URL"),
+        ('{"a": {"command": "x", "timeout_seconds": 0}}', "greater than 0"),
+        ("[1]", "is not a JSON object"),
+        ("{nope", "is not valid JSON"),
+    ],
+)
+def test_a_bad_mcp_server_setting_is_one_sentence_and_exit_2(
+    tmp_path: Path, servers: str, reason: str
+) -> None:
+    finished = countersign(
+        "tools", "check", env=cli_env(COUNTERSIGN_MCP_SERVERS=servers), cwd=tmp_path
+    )
+    assert finished.returncode == 2, finished.stdout + finished.stderr
+    message = assert_one_error(finished)
+    assert "COUNTERSIGN_MCP_SERVERS" in message
+    assert reason in message

@@ -95,6 +95,29 @@ BAD_VALUES = [
         "COUNTERSIGN_DEFAULT_MODEL",
         command=("serve",),
     ),
+    # A default model the server cannot use (its provider's key is not set) stops serve too.
+    BadValue(
+        "default-model-openai-without-key",
+        {"COUNTERSIGN_DEFAULT_MODEL": "openai:gpt-4o"},
+        "COUNTERSIGN_DEFAULT_MODEL",
+        command=("serve",),
+    ),
+    BadValue(
+        "default-model-anthropic-without-key",
+        {"COUNTERSIGN_DEFAULT_MODEL": "anthropic:claude-sonnet-4-5"},
+        "COUNTERSIGN_DEFAULT_MODEL",
+        command=("serve",),
+    ),
+    BadValue(
+        "default-model-google-without-key",
+        {
+            "COUNTERSIGN_DEFAULT_MODEL": "google:gemini-2.5-flash",
+            "COUNTERSIGN_ANTHROPIC_API_KEY": "anthropic-Secret-5",
+        },
+        "COUNTERSIGN_DEFAULT_MODEL",
+        command=("serve",),
+        secret="anthropic-Secret-5",
+    ),
     BadValue(
         "bad-value-in-dotenv",
         {},

@@ -19,7 +19,7 @@ from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 from pythonjsonlogger.core import RESERVED_ATTRS
 
-from countersign.agent.models import ModelOptions, validate_model_name
+from countersign.agent.models import check_model
 from countersign.agent.tools import ToolLimits
 from countersign.api.errors import install_error_handlers
 from countersign.api.limits import BodyLimitMiddleware
@@ -53,11 +53,11 @@ from countersign.db.uow import unit_of_work_factory
 from countersign.domain.errors import ConfigError, InvalidInput
 from countersign.domain.models import SystemClock
 from countersign.services import ServiceDeps
-from countersign.services.agents import ensure_default_agent
+from countersign.services.agents import ensure_default_agent, model_options
 from countersign.services.executor import Executor, ExecutorOptions, executor_name
 from countersign.services.feed import FEED_LOOP, FeedHub
 from countersign.services.follow import FOLLOW_LOOP, follow_loop
-from countersign.services.tools import load_tool_plugins
+from countersign.services.tools import load_tool_plugins, open_mcp_hub
 from countersign.supervisor import Supervisor
 
 logger = logging.getLogger("countersign")
@@ -94,6 +94,9 @@ def create_app(settings: Settings) -> FastAPI:
             # Requests hand the runs they start to this process's executor.
             services = replace(services, executor=executor)
             try:
+                if mcp is not None:
+                    # Before any run: an agent's MCP tools are known once the servers answer.
+                    await mcp.start()
                 if isinstance(broker, PostgresBroker):
                     await broker.start(supervisor)
                 await executor.start(single_process=settings.is_sqlite)
@@ -116,6 +119,8 @@ def create_app(settings: Settings) -> FastAPI:
                 # the other loops, then the connections.
                 await executor.stop()
                 await supervisor.stop()
+                if mcp is not None:
+                    await mcp.stop()
                 if isinstance(broker, PostgresBroker):
                     await broker.stop()
         finally:
@@ -133,6 +138,10 @@ def create_app(settings: Settings) -> FastAPI:
     )
     # The operator named these plugins: one that cannot be loaded stops the start (exit 2).
     load_tool_plugins(settings.plugins)
+    # The MCP servers are connected by the lifespan; one that is down is not a reason to stop.
+    mcp = open_mcp_hub(settings)
+    if mcp is not None:
+        metrics.watch_mcp(mcp)
     app.state.metrics = metrics
     app.state.rate_limits = RateLimits(settings)
     app.state.oauth_providers = OAuthProviders(
@@ -185,15 +194,14 @@ async def ready_reason(
 def check_settings(settings: Settings) -> None:
     """The checks ``config`` cannot make itself (they need the agent package)."""
     try:
-        validate_model_name(settings.default_model)
+        check_model(settings.default_model, model_options(settings))
     except InvalidInput as error:
         reason = error.message[:1].lower() + error.message[1:]
-        raise ConfigError(f"COUNTERSIGN_DEFAULT_MODEL is not valid: {reason}") from None
+        raise ConfigError(f"COUNTERSIGN_DEFAULT_MODEL cannot be used: {reason}") from None
 
 
 def executor_options(settings: Settings) -> ExecutorOptions:
     """How this server's executor carries out runs, from the settings."""
-    key = settings.openai_api_key
     return ExecutorOptions(
         concurrency=settings.executor_concurrency,
         max_attempts=settings.run_max_attempts,
@@ -201,11 +209,7 @@ def executor_options(settings: Settings) -> ExecutorOptions:
         poll_seconds=settings.executor_poll_seconds,
         flush_seconds=settings.event_flush_seconds,
         workspace_root=settings.workspace_root.resolve(),
-        model_options=ModelOptions(
-            openai_api_key=None if key is None else key.get_secret_value(),
-            openai_base_url=settings.openai_base_url,
-            timeout=settings.model_timeout_seconds,
-        ),
+        model_options=model_options(settings),
         tool_limits=ToolLimits(
             shell_timeout=settings.shell_timeout_seconds,
             output_max_chars=settings.tool_output_max_chars,

@@ -27,7 +27,7 @@ from countersign.domain.errors import (
     InvalidInput,
     StartupError,
 )
-from countersign.services.tools import list_tools, load_tool_plugins
+from countersign.services.tools import list_tools, load_tool_plugins, open_mcp_hub
 
 if TYPE_CHECKING:
     from countersign.services import ServiceDeps
@@ -243,8 +243,8 @@ def db_check(
 
 @tools_cli.command("check")
 def tools_check() -> None:
-    """List every tool an agent may be given, one line each: exit 0 when all are usable, 1
-    when one is not."""
+    """List every tool an agent may be given, one line each, after each MCP server and plugin:
+    exit 0 when all are usable, 1 when one is not."""
     settings = _settings()  # a bad configuration stops here, in one sentence
     failed: list[str] = []
     loaded: list[str] = []
@@ -256,6 +256,25 @@ def tools_check() -> None:
         else:
             loaded.append(plugin)
     load_tool_plugins(loaded)
+    try:
+        hub = open_mcp_hub(settings)
+    except ConfigError as exc:
+        raise _fail(exc.message, hint=exc.hint) from None
+    if hub is not None:
+        asyncio.run(hub.check())
+        for server in hub.servers.values():
+            where = server.spec.command or server.spec.url
+            if server.up:
+                typer.echo(
+                    f"[ok  ] MCP server {server.name} ({server.spec.transport} {where}): "
+                    f"{len(server.tools)} tool(s)"
+                )
+            else:
+                failed.append(
+                    f"[FAIL] MCP server {server.name} ({server.spec.transport} {where}): "
+                    f"not reachable: {server.error}"
+                )
+            failed.extend(f"[FAIL] MCP server {server.name}: {line}" for line in server.refused)
     for tool in list_tools():
         origin = tool.server or tool.plugin
         source = tool.source if origin is None else f"{tool.source} {origin}"

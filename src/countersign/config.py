@@ -194,6 +194,39 @@ class OAuthProvider(BaseModel):
         return {name: url for name in _PROVIDER_URLS if (url := getattr(self, name)) is not None}
 
 
+MCP_SERVER_NAME = re.compile(r"^[A-Za-z0-9-]{1,32}$")
+
+
+class McpServerSettings(BaseModel):
+    """How to reach one MCP server: a command (stdio) or a URL (streamable HTTP)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: str | None = Field(default=None, min_length=1)
+    """The program to start (stdio)."""
+    args: tuple[str, ...] = ()
+    env: dict[str, SecretStr] = Field(default_factory=dict)
+    """The program's whole environment (the server's own is not passed on)."""
+    url: str | None = None
+    """The server's streamable HTTP endpoint, e.g. ``https://mcp.example.com/mcp``."""
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    """Sent with every request, e.g. ``{"Authorization": "Bearer …"}``; never logged."""
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """How long one tool call may take."""
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerSettings:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("needs either a command (stdio) or a url (streamable HTTP)")
+        if self.url is not None and not _is_http_url(self.url):
+            raise ValueError("has a url that is not an http(s) URL")
+        if self.url is not None and (self.args or self.env):
+            raise ValueError("has args or env, which only a command uses")
+        if self.command is not None and self.headers:
+            raise ValueError("has headers, which only a url uses")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything an operator can set; each field is ``COUNTERSIGN_<NAME>``."""
 
@@ -245,6 +278,14 @@ class Settings(BaseSettings):
     """Key for ``openai:MODEL`` models (not needed with a local ``openai_base_url``)."""
     openai_base_url: str | None = None
     """An OpenAI-compatible server (Ollama, vLLM, llama.cpp) for ``openai:MODEL`` models."""
+    anthropic_api_key: SecretStr | None = None
+    """Key for ``anthropic:MODEL`` models (needs the ``anthropic`` extra)."""
+    anthropic_base_url: str | None = None
+    """Another address of the Anthropic Messages API (a proxy); Anthropic's own when unset."""
+    google_api_key: SecretStr | None = None
+    """Key for ``google:MODEL`` models, the Gemini API (needs the ``google`` extra)."""
+    google_base_url: str | None = None
+    """Another address of the Gemini API (a proxy); Google's own when unset."""
     model_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
     """How long one model request may take before the run fails."""
 
@@ -278,6 +319,10 @@ class Settings(BaseSettings):
     oauth_providers: Annotated[dict[str, OAuthProvider], NoDecode] = Field(default_factory=dict)
     """Sign-in providers by name, as a JSON object:
     ``{"google": {"kind": "google", "client_id": "…", "client_secret": "…"}}``."""
+    mcp_servers: Annotated[dict[str, McpServerSettings], NoDecode] = Field(default_factory=dict)
+    """MCP servers whose tools agents may be given, as a JSON object by name:
+    ``{"files": {"command": "…", "args": […], "env": {…}}, "web": {"url": "https://…/mcp",
+    "headers": {…}}}``; a server's tool TOOL is named ``NAME_TOOL``."""
     plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Tool plugins to load (entry points of the group ``countersign.tools``), comma-separated;
     an installed plugin that is not named here is not loaded."""
@@ -321,6 +366,26 @@ class Settings(BaseSettings):
             value = [name.strip() for name in value.split(",") if name.strip()]
         if isinstance(value, list):
             return list(dict.fromkeys(value))  # a name given twice is loaded once
+        return value
+
+    @field_validator("mcp_servers", mode="before")
+    @classmethod
+    def _parse_mcp_servers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "decode error"
+                raise ValueError(f"is not valid JSON ({reason})") from None
+        if not isinstance(value, dict):
+            raise ValueError("is not a JSON object that maps server names to their settings")
+        for name in value:
+            if not isinstance(name, str) or MCP_SERVER_NAME.fullmatch(name) is None:
+                raise ValueError(
+                    f"has the server name {name!r}; a name is 1 to 32 letters, digits or -"
+                )
         return value
 
     @field_validator("oauth_providers", mode="before")

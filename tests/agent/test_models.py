@@ -529,7 +529,7 @@ def test_valid_model_names(name: str, normalised: str) -> None:
         "openai: gpt-4o",
         "openai:gpt 4o",
         "openai:gpt-4o\x00",
-        "anthropic:claude-sonnet",
+        "mistral:mistral-large",
         "openai:" + "x" * 200,
     ],
 )

@@ -48,11 +48,12 @@ MISSING_ID = "0190a000-0000-7000-8000-000000000000"
 
 @pytest.fixture
 def settings(database: TestDatabase, tmp_path: Path) -> Settings:
-    """This module's settings: a default model that is not ``demo``."""
+    """This module's settings: a default model that is not ``demo`` (and its provider's key)."""
     return make_settings(
         database.url,
         workspace_root=tmp_path / "workspaces",
         default_model=CONFIGURED_DEFAULT_MODEL,
+        openai_api_key="sk-test-agents-0123456789",
     )
 
 
@@ -414,7 +415,8 @@ INVALID_BODIES: list[tuple[str, dict[str, Any], str]] = [
         "more than once",
     ),
     ("bad model", {"name": "x", "model": "gpt 4"}, "model name"),
-    ("unknown provider", {"name": "x", "model": "anthropic:claude"}, "openai:"),
+    ("unknown provider", {"name": "x", "model": "mistral:mistral-large"}, "anthropic:"),
+    ("provider without its key", {"name": "x", "model": "anthropic:claude"}, "API key"),
     ("unknown field", {"name": "x", "temperature": 0.2}, "temperature"),
     (
         "unknown tool field",

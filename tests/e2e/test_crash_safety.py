@@ -43,6 +43,7 @@ from tests.support import fake_openai
 from tests.support.databases import TestDatabase
 from tests.support.fake_openai import FakeOpenAI, hang
 from tests.support.fake_openai import text as reply
+from tests.support.mcp_server import McpHttpServer
 from tests.support.server import ServerProcess, ServerProcesses, server_env
 
 pytestmark = pytest.mark.slow
@@ -611,6 +612,50 @@ async def test_invariant_6_a_tool_killed_midway_is_not_run_again(
             run = (await http.get(f"/sessions/{session_id}/runs/{run_id}")).json()
             assert (run["status"], run["error"]) == ("failed", state.error)
         no_traceback(b)
+
+
+async def test_invariant_6_an_mcp_call_cut_off_by_a_kill_is_not_made_again(
+    database: TestDatabase, db: Database, servers: ServerProcesses, tmp_path: Path
+) -> None:
+    """SIGKILL while an MCP tool runs (on an MCP server of its own, which goes on): B fails
+    the run as outcome unknown and never calls the tool again."""
+    count = tmp_path / "mcp-count.txt"
+    with McpHttpServer() as remote:
+        env = server_env(
+            database.url,
+            run_lease_seconds="3",
+            mcp_servers=json.dumps({"web": {"url": remote.url}}),
+        )
+        key = await new_api_key(database.url)
+        with servers:
+            a = await start(servers, "a", env, new_session=True)
+            async with api(a, key) as http:
+                agent = await http.post(
+                    "/agents",
+                    json={"name": "mcp", "tools": [{"name": "web_record", "policy": "auto"}]},
+                )
+                assert agent.status_code == 201, agent.text
+                created = await http.post("/sessions", json={"agent_id": agent.json()["id"]})
+                session_id = created.json()["id"]
+                arguments = {"path": str(count), "seconds": 60}
+                run_id = await send(http, session_id, f"/tool web_record {json.dumps(arguments)}")
+            assert await file_lines(count, 1) == ["ran"]
+            running = await db.run(run_id)
+            assert running.status == "running"
+            await asyncio.to_thread(a.kill, group=True)
+
+            b = await start(servers, "b", env)
+            state, _took = await run_ended(db, run_id, within=RECOVERY)
+            assert state.status == "failed", state
+            assert state.error is not None
+            assert "web_record" in state.error
+            assert "outcome is unknown" in state.error
+            await asyncio.sleep(2.0)  # two executor polls: nothing calls it after all
+            assert lines_of(count) == ["ran"]
+            events = await db.events(run_id)
+            assert [e.type for e in events].count(EventType.TOOL_CALL) == 1
+            assert EventType.TOOL_RESULT not in [e.type for e in events]
+            no_traceback(b)
 
 
 # --- leases: a paused process that lost its run writes nothing ----------------------------

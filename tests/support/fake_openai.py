@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
 STOP_TIMEOUT = 5.0
@@ -159,8 +159,13 @@ class _State:
     counter: int = 0
 
 
-class FakeOpenAI:
-    """The fake server: a context manager that starts it on 127.0.0.1 and stops it on exit."""
+class FakeServer:
+    """A scripted fake model server: a context manager that starts it on 127.0.0.1 and stops it
+    on exit. ``handler`` speaks the provider's protocol (``tests.support.fake_providers`` has
+    Anthropic's and Google's); the script, the recorded requests and ``hang()`` are shared."""
+
+    handler: type[_Handler]
+    name = "fake model"
 
     def __init__(self) -> None:
         self._state = _State()
@@ -171,13 +176,13 @@ class FakeOpenAI:
     def port(self) -> int:
         """The TCP port the server listens on."""
         if self._server is None:
-            raise RuntimeError("the fake OpenAI server is not running")
+            raise RuntimeError(f"the {self.name} server is not running")
         return int(self._server.server_address[1])
 
     @property
     def base_url(self) -> str:
-        """The OpenAI base URL of this server (``http://127.0.0.1:<port>/v1``)."""
-        return f"http://127.0.0.1:{self.port}/v1"
+        """The base URL a provider SDK is given for this server."""
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -204,14 +209,9 @@ class FakeOpenAI:
         with self._state.lock:
             return list(self._state.replies)
 
-    def start(self) -> FakeOpenAI:
+    def start(self) -> Self:
         """Start serving on a free port of 127.0.0.1 (port 0: the OS picks, no race)."""
-        state = self._state
-
-        class Handler(_Handler):
-            pass
-
-        Handler.state = state
+        Handler = type("Handler", (self.handler,), {"state": self._state})
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         self._server = server
@@ -232,10 +232,10 @@ class FakeOpenAI:
         server.server_close()
         thread.join(STOP_TIMEOUT)
         if thread.is_alive():  # pragma: no cover - would mean serve_forever ignored shutdown
-            raise RuntimeError("the fake OpenAI server did not stop")
+            raise RuntimeError(f"the {self.name} server did not stop")
         self._server = self._thread = None
 
-    def __enter__(self) -> FakeOpenAI:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -248,6 +248,8 @@ class FakeOpenAI:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """The OpenAI Chat Completions protocol; the base of the other fakes' handlers."""
+
     state: _State
     protocol_version = "HTTP/1.1"
 
@@ -338,6 +340,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
         self.wfile.flush()
+
+
+class FakeOpenAI(FakeServer):
+    """The fake OpenAI-compatible server."""
+
+    handler = _Handler
+    name = "fake OpenAI"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL of this server (``http://127.0.0.1:<port>/v1``)."""
+        return f"http://127.0.0.1:{self.port}/v1"
 
 
 def _error_body(message: str, type_: str, code: str | None) -> dict[str, Any]:

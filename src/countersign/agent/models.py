@@ -1,8 +1,11 @@
-"""Models by name: the offline ``demo`` model, OpenAI-compatible models, and their failures.
+"""Models by name: the offline ``demo`` model, provider models, and their failures.
 
-A model name is ``demo`` or ``openai:<model>``. ``resolve_model`` turns a name into a real
-pydantic-ai model, so the demo goes through the same agent code path as a provider does.
-``describe_model_error`` turns a provider failure into one sentence a person can act on.
+A model name is ``demo``, ``openai:<model>`` (OpenAI or any OpenAI-compatible server),
+``anthropic:<model>`` or ``google:<model>`` (the Gemini API). ``check_model`` says whether this
+server can use a name (its provider's key is set, its optional extra installed);
+``resolve_model`` turns a name into a real pydantic-ai model, so the demo goes through the same
+agent code path as a provider does. ``describe_model_error`` turns a provider failure into one
+sentence a person can act on.
 
 The ``demo`` model (SPEC, "The offline demo model") is deterministic and needs no network:
 
@@ -14,13 +17,14 @@ The ``demo`` model (SPEC, "The offline demo model") is deterministic and needs n
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import openai
 from pydantic_ai.exceptions import (
@@ -55,16 +59,30 @@ from countersign.domain.errors import InvalidInput
 
 DEMO_MODEL: Final = "demo"
 OPENAI_PREFIX: Final = "openai:"
+ANTHROPIC_PREFIX: Final = "anthropic:"
+GOOGLE_PREFIX: Final = "google:"
 DEFAULT_OPENAI_BASE_URL: Final = "https://api.openai.com/v1"
+DEFAULT_ANTHROPIC_BASE_URL: Final = "https://api.anthropic.com"
+DEFAULT_GOOGLE_BASE_URL: Final = "https://generativelanguage.googleapis.com/"
 MAX_MODEL_NAME_LENGTH: Final = 200  # the width of the agents.model column
 # Local OpenAI-compatible servers (Ollama, vLLM, llama.cpp) ignore the key, but the SDK wants one.
 LOCAL_SERVER_PLACEHOLDER_KEY: Final = "not-needed-for-a-local-server"
 
-_ACCEPTED_FORMS = '"demo" (the offline model) or "openai:<model>", e.g. "openai:gpt-4o"'
+_ACCEPTED_FORMS = (
+    '"demo" (the offline model), "openai:<model>", "anthropic:<model>" or "google:<model>", '
+    'e.g. "openai:gpt-4o", "anthropic:claude-sonnet-4-5" or "google:gemini-2.5-flash"'
+)
 _TOOL_COMMAND = re.compile(r"/tool(?:\s+(?P<name>[^\s{]+)(?P<arguments>.*))?", re.DOTALL)
 _WORD = re.compile(r"\s*\S+")
 _SECRET_LOOKING = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_\-*.]{4,}")
 _MAX_DETAIL_LENGTH = 200
+_CREDENTIAL_HEADERS: Final = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
+_ENDPOINT = re.compile(
+    r"(?:/chat/completions|/responses|/completions|/embeddings"  # OpenAI (after the base URL)
+    r"|/v1/messages(?:/count_tokens)?"  # Anthropic
+    r"|/v1\w*/models/[^/]+:\w+)$"  # Google: /v1beta/models/MODEL:streamGenerateContent
+)
+"""The endpoint a provider's SDK appends to its base URL, so an error can name the base URL."""
 _MIN_CREDENTIAL_LENGTH = 4
 """Shorter "keys" are not secrets worth hiding, and would blank out ordinary words."""
 
@@ -77,6 +95,14 @@ class ModelOptions:
     """Never shown in a repr or a log."""
     openai_base_url: str | None = None
     """Any OpenAI-compatible server (Ollama, vLLM, llama.cpp); OpenAI itself when unset."""
+    anthropic_api_key: str | None = field(default=None, repr=False)
+    """Never shown in a repr or a log."""
+    anthropic_base_url: str | None = None
+    """Another address of the Anthropic Messages API (a proxy); Anthropic itself when unset."""
+    google_api_key: str | None = field(default=None, repr=False)
+    """Never shown in a repr or a log."""
+    google_base_url: str | None = None
+    """Another address of the Gemini API (a proxy); Google itself when unset."""
     timeout: float = 60.0
     """Seconds one model request may wait for the provider (per read, on a stream)."""
     max_retries: int = 0
@@ -89,14 +115,48 @@ class ModelOptions:
             raise ValueError(f"max_retries must be 0 or more, not {self.max_retries}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Provider:
+    """A provider that needs an optional extra of Countersign (pydantic-ai's SDK glue)."""
+
+    label: str
+    extra: str
+    modules: tuple[str, ...]
+    key_setting: str
+    a_key: str
+    """How a sentence names its key: "an Anthropic API key"."""
+
+
+_ANTHROPIC = _Provider(
+    label="Anthropic",
+    extra="anthropic",
+    modules=("pydantic_ai.models.anthropic", "pydantic_ai.providers.anthropic"),
+    key_setting="COUNTERSIGN_ANTHROPIC_API_KEY",
+    a_key="an Anthropic API key",
+)
+_GOOGLE = _Provider(
+    label="Google",
+    extra="google",
+    modules=("pydantic_ai.models.google", "pydantic_ai.providers.google"),
+    key_setting="COUNTERSIGN_GOOGLE_API_KEY",
+    a_key="a Google API key",
+)
+_PREFIXES: Final = (OPENAI_PREFIX, ANTHROPIC_PREFIX, GOOGLE_PREFIX)
+
+
 def validate_model_name(name: str) -> str:
-    """Return the normalised model name, or raise InvalidInput naming the accepted forms."""
+    """Return the normalised model name, or raise InvalidInput naming the accepted forms.
+
+    Only the form is checked; ``check_model`` also checks that this server can use it.
+    """
     candidate = name.strip()
     if candidate.lower() == DEMO_MODEL:
         return DEMO_MODEL
-    if candidate[: len(OPENAI_PREFIX)].lower() == OPENAI_PREFIX:
-        model = candidate[len(OPENAI_PREFIX) :]
-        normalised = OPENAI_PREFIX + model
+    for prefix in _PREFIXES:
+        if candidate[: len(prefix)].lower() != prefix:
+            continue
+        model = candidate[len(prefix) :]
+        normalised = prefix + model
         if (
             model
             and model.isprintable()
@@ -112,30 +172,101 @@ def validate_model_name(name: str) -> str:
     )
 
 
-def resolve_model(name: str, options: ModelOptions) -> Model:
-    """Return the pydantic-ai model for a model name (``demo`` or ``openai:<model>``)."""
+def check_model(name: str, options: ModelOptions) -> str:
+    """Return the normalised name of a model this server can use, or raise InvalidInput with
+    one sentence saying why not: a name of no accepted form, its provider's API key not set, or
+    the optional extra its provider needs not installed."""
     normalised = validate_model_name(name)
+    if normalised.startswith(OPENAI_PREFIX):
+        _openai_key(normalised, options)
+    elif normalised.startswith(ANTHROPIC_PREFIX):
+        _require_extra(_ANTHROPIC, normalised)
+        _required_key(_ANTHROPIC, normalised, options.anthropic_api_key)
+    elif normalised.startswith(GOOGLE_PREFIX):
+        _require_extra(_GOOGLE, normalised)
+        _required_key(_GOOGLE, normalised, options.google_api_key)
+    return normalised
+
+
+def resolve_model(name: str, options: ModelOptions) -> Model:
+    """Return the pydantic-ai model for a model name; InvalidInput as ``check_model`` says."""
+    normalised = check_model(name, options)
     if normalised == DEMO_MODEL:
         return demo_model()
-    api_key = options.openai_api_key or None
-    if api_key is None:
-        if not options.openai_base_url:
-            raise InvalidInput(
-                f"The model {normalised!r} needs an OpenAI API key: set "
-                "COUNTERSIGN_OPENAI_API_KEY, or COUNTERSIGN_OPENAI_BASE_URL for a local "
-                "OpenAI-compatible server.",
-                detail={"model": normalised},
-            )
-        api_key = LOCAL_SERVER_PLACEHOLDER_KEY
-    # The provider owns its HTTP client, so ``async with model`` (or the agent) closes it. The base
-    # URL is always explicit so that a stray OPENAI_BASE_URL in the environment changes nothing.
-    provider = OpenAIProvider(
-        base_url=options.openai_base_url or DEFAULT_OPENAI_BASE_URL, api_key=api_key
-    )
+    # Each provider owns its HTTP client, so ``async with model`` (or the agent) closes it. Base
+    # URLs are always explicit so that a stray OPENAI_BASE_URL, ANTHROPIC_BASE_URL or
+    # GOOGLE_GEMINI_BASE_URL in the environment changes nothing; keys are explicit too.
     settings = ModelSettings(timeout=options.timeout, max_retries=options.max_retries)
+    if normalised.startswith(ANTHROPIC_PREFIX):
+        return _anthropic_model(normalised.removeprefix(ANTHROPIC_PREFIX), options, settings)
+    if normalised.startswith(GOOGLE_PREFIX):
+        return _google_model(normalised.removeprefix(GOOGLE_PREFIX), options, settings)
+    provider = OpenAIProvider(
+        base_url=options.openai_base_url or DEFAULT_OPENAI_BASE_URL,
+        api_key=_openai_key(normalised, options),
+    )
     return OpenAIChatModel(
         normalised.removeprefix(OPENAI_PREFIX), provider=provider, settings=settings
     )
+
+
+def _openai_key(normalised: str, options: ModelOptions) -> str:
+    """The key to send to the OpenAI-compatible server (a placeholder for a local one)."""
+    api_key = options.openai_api_key or None
+    if api_key is not None:
+        return api_key
+    if not options.openai_base_url:
+        raise InvalidInput(
+            f"The model {normalised!r} needs an OpenAI API key: set "
+            "COUNTERSIGN_OPENAI_API_KEY, or COUNTERSIGN_OPENAI_BASE_URL for a local "
+            "OpenAI-compatible server.",
+            detail={"model": normalised},
+        )
+    return LOCAL_SERVER_PLACEHOLDER_KEY
+
+
+def _required_key(provider: _Provider, normalised: str, api_key: str | None) -> str:
+    if not api_key:
+        raise InvalidInput(
+            f"The model {normalised!r} needs {provider.a_key}: set {provider.key_setting}.",
+            detail={"model": normalised},
+        )
+    return api_key
+
+
+def _require_extra(provider: _Provider, normalised: str) -> None:
+    """InvalidInput when the SDK the provider needs is not installed (an optional extra)."""
+    try:
+        for module in provider.modules:
+            importlib.import_module(module)
+    except ImportError:
+        raise InvalidInput(
+            f"The model {normalised!r} needs {provider.label} support, which is not installed: "
+            f'pip install "countersign[{provider.extra}]".',
+            detail={"model": normalised, "extra": provider.extra},
+        ) from None
+
+
+def _anthropic_model(model: str, options: ModelOptions, settings: ModelSettings) -> Model:
+    from pydantic_ai.models.anthropic import AnthropicModel
+    from pydantic_ai.providers.anthropic import AnthropicProvider
+
+    provider = AnthropicProvider(
+        api_key=_required_key(_ANTHROPIC, ANTHROPIC_PREFIX + model, options.anthropic_api_key),
+        base_url=options.anthropic_base_url or DEFAULT_ANTHROPIC_BASE_URL,
+    )
+    return AnthropicModel(model, provider=provider, settings=settings)
+
+
+def _google_model(model: str, options: ModelOptions, settings: ModelSettings) -> Model:
+    from pydantic_ai.models.google import GoogleModel
+    from pydantic_ai.providers.google import GoogleProvider
+
+    provider = GoogleProvider(
+        api_key=_required_key(_GOOGLE, GOOGLE_PREFIX + model, options.google_api_key),
+        base_url=options.google_base_url or DEFAULT_GOOGLE_BASE_URL,
+    )
+    return GoogleModel(model, provider=provider, settings=settings)
 
 
 AgentModel: TypeAlias = Model
@@ -352,30 +483,42 @@ def _redact(sentence: str, *, credentials: Iterable[str] = ()) -> str:
 
 
 def _credentials_in(error: BaseException) -> set[str]:
-    """The API keys the failed requests carried (Authorization or api-key headers)."""
+    """The API keys the failed requests carried: the Authorization, api-key (Azure), x-api-key
+    (Anthropic) or x-goog-api-key (Google) header, or a ``key=`` query parameter (Google)."""
     found: set[str] = set()
     for request in _requests_in(error):
+        query = parse_qsl(urlsplit(str(request.url)).query)
+        candidates = [value for name, value in query if name == "key"]
         headers = getattr(request, "headers", None)
-        if headers is None:
-            continue
-        for name in ("authorization", "api-key", "x-api-key"):
-            value = str(headers.get(name) or "").strip()
-            scheme, _, token = value.partition(" ")
-            credential = token.strip() if scheme.lower() == "bearer" else value
-            if len(credential) >= _MIN_CREDENTIAL_LENGTH:
-                found.add(credential)
+        if headers is not None:
+            for name in _CREDENTIAL_HEADERS:
+                value = str(headers.get(name) or "").strip()
+                scheme, _, token = value.partition(" ")
+                candidates.append(token.strip() if scheme.lower() == "bearer" else value)
+        found.update(
+            credential.strip()
+            for credential in candidates
+            if len(credential.strip()) >= _MIN_CREDENTIAL_LENGTH
+        )
     return found
 
 
 def _requests_in(error: BaseException) -> Iterator[Any]:
-    """HTTP requests that the error or its causes carry (openai and httpx errors keep them)."""
+    """HTTP requests that the error or its causes carry: openai, anthropic and httpx errors keep
+    them, google-genai errors keep the response (which keeps its request)."""
     for candidate in _error_chain(error):
-        try:
-            request = getattr(candidate, "request", None)
-        except RuntimeError:  # httpx raises when an error was made without a request
-            continue
+        request = _attribute(candidate, "request")
+        if request is None:
+            request = _attribute(_attribute(candidate, "response"), "request")
         if request is not None and hasattr(request, "url"):
             yield request
+
+
+def _attribute(holder: object, name: str) -> Any:
+    try:
+        return getattr(holder, name, None)
+    except RuntimeError:  # httpx raises when an error was made without a request or response
+        return None
 
 
 def _within(error: BaseException, phase: str) -> str:
@@ -395,8 +538,6 @@ def _provider_url(error: BaseException) -> str | None:
         if ":" in host:
             host = f"[{host}]"
         netloc = f"{host}:{parts.port}" if parts.port is not None else host
-        path = parts.path
-        for endpoint in ("/chat/completions", "/responses", "/completions", "/embeddings"):
-            path = path.removesuffix(endpoint)
+        path = _ENDPOINT.sub("", parts.path)
         return urlunsplit((parts.scheme, netloc, path.rstrip("/"), "", ""))
     return None

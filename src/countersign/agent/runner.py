@@ -209,7 +209,7 @@ def build_agent(model: Model, *, instructions: str, tools: tuple[ToolSetting, ..
         instructions=instructions or None,
         deps_type=TurnDeps,
         output_type=[str, DeferredToolRequests],
-        toolsets=[build_toolset(tools)],
+        toolsets=[build_toolset(tools, strict=False)],
     )
 
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import anyio
 from pydantic import ValidationError
@@ -33,6 +33,7 @@ from pydantic_ai.tools import ToolFuncContext
 from pydantic_ai.toolsets import FunctionToolset, ToolsetTool
 from pydantic_core import to_jsonable_python
 
+from countersign.agent.mcp import McpHub, McpServer, schema_error_details
 from countersign.agent.plugins import PluginTool
 from countersign.agent.rules import ArgumentKind, PolicyDecision, check_rules, decide
 from countersign.domain.errors import InvalidInput
@@ -321,6 +322,8 @@ ARGUMENT_KINDS: dict[str, dict[str, ArgumentKind]] = {
 
 _PLUGIN_TOOLS: dict[str, PluginTool] = {}
 """The tools of the plugins this process loaded (``install_plugins``), by name."""
+_MCP: list[McpHub] = []
+"""The MCP servers of this process (``install_mcp``): none, or one hub."""
 
 
 def install_plugins(tools: dict[str, PluginTool]) -> None:
@@ -329,20 +332,83 @@ def install_plugins(tools: dict[str, PluginTool]) -> None:
     _PLUGIN_TOOLS.update(tools)
 
 
+def install_mcp(hub: McpHub | None) -> None:
+    """Make this hub's servers (or none) the MCP servers whose tools agents may name."""
+    _MCP.clear()
+    if hub is not None:
+        _MCP.append(hub)
+
+
+def mcp_hub() -> McpHub | None:
+    """The MCP servers of this process, if any are configured."""
+    return _MCP[0] if _MCP else None
+
+
 def plugin_tools() -> dict[str, PluginTool]:
     """The plugin tools agents may name, by name."""
     return dict(_PLUGIN_TOOLS)
 
 
+def _mcp_tools() -> dict[str, Any]:
+    hub = mcp_hub()
+    return hub.tools() if hub is not None else {}
+
+
+def tools_generation() -> int:
+    """Grows whenever the tools on offer change (an MCP server connected with other tools)."""
+    hub = mcp_hub()
+    return hub.generation if hub is not None else 0
+
+
 def known_tools() -> list[str]:
-    """Every tool name an agent may use: the built-ins, then the plugins' tools."""
-    return sorted(BUILTIN_TOOLS) + sorted(_PLUGIN_TOOLS)
+    """Every tool name an agent may use: the built-ins, the plugins' tools, the MCP tools."""
+    return sorted(BUILTIN_TOOLS) + sorted(_PLUGIN_TOOLS) + sorted(_mcp_tools())
 
 
 def _reference_tool(name: str) -> Tool[Any]:
     """The tool as pydantic-ai sees it: its schema, validator and description."""
     plugin = _PLUGIN_TOOLS.get(name)
-    return plugin.tool if plugin is not None else _builtin_tool(name)
+    if plugin is not None:
+        return plugin.tool
+    mcp = _mcp_tools().get(name)
+    if mcp is not None:
+        tool: Tool[Any] = mcp.tool
+        return tool
+    server = _absent_mcp_server(name)
+    if server is not None:
+        return _absent_tool(name, server)
+    return _builtin_tool(name)
+
+
+def _absent_mcp_server(name: str) -> McpServer | None:
+    """The configured MCP server a tool name belongs to, when that tool is not offered now
+    (the server is down, or no longer has it)."""
+    hub = mcp_hub()
+    if name in BUILTIN_TOOLS or name in _PLUGIN_TOOLS or hub is None:
+        return None
+    if name in hub.tools():
+        return None
+    return hub.server_for(name)
+
+
+def _absent_tool(name: str, server: McpServer) -> Tool[Any]:
+    """A stand-in for a tool of an MCP server that does not offer it now: an agent that names
+    it keeps working, and a call of it says why it did not run."""
+
+    def unavailable(**_arguments: Any) -> str:
+        if not server.up:
+            return (
+                f"The MCP server {server.name} is not reachable ({server.error}), so the tool "
+                f"{name} did not run."
+            )
+        return f"The MCP server {server.name} offers no tool {name} now, so it did not run."
+
+    return Tool.from_schema(
+        unavailable,
+        name=name,
+        description=f"A tool of the MCP server {server.name} (not reachable now).",
+        json_schema={"type": "object", "additionalProperties": True},
+    )
 
 
 @cache
@@ -467,25 +533,40 @@ def _stopped(name: str, exc: BaseException) -> str:
     return _cap(f"the tool {name} failed unexpectedly: {detail}", 2_000)
 
 
-def build_toolset(tools: Sequence[ToolSetting]) -> FunctionToolset[TurnDeps]:
-    """The toolset for an agent's tool settings; unknown names raise InvalidInput."""
+def build_toolset(
+    tools: Sequence[ToolSetting], *, strict: bool = True
+) -> FunctionToolset[TurnDeps]:
+    """The toolset for an agent's tool settings; unknown names raise InvalidInput.
+
+    ``strict=False`` (running an agent rather than saving one): a tool of a configured MCP
+    server that does not offer it now (the server is down) is a stand-in whose calls say so,
+    and its argument rules wait until the server offers the tool again.
+    """
     names = [setting.name for setting in tools]
     for name in names:
-        _check_known(name)
+        if strict or _absent_mcp_server(name) is None:
+            _check_known(name)
         if names.count(name) > 1:
             raise InvalidInput(f"tool {name} is listed more than once")
     for setting in tools:
-        check_rules(setting, tool_parameters(setting.name), ARGUMENT_KINDS.get(setting.name, {}))
+        if _absent_mcp_server(setting.name) is None:
+            check_rules(
+                setting, tool_parameters(setting.name), ARGUMENT_KINDS.get(setting.name, {})
+            )
     toolset = _BuiltinToolset(
         denied=frozenset(s.name for s in tools if s.policy == ToolPolicy.DENY and not s.rules),
-        ruled={s.name: s for s in tools if s.rules},
+        ruled={s.name: s for s in tools if s.rules and _absent_mcp_server(s.name) is None},
     )
     for setting in tools:
         reference = _reference_tool(setting.name)
+        ruled = bool(setting.rules) and _absent_mcp_server(setting.name) is None
         # A plugin's tool that requires approval asks whatever the agent says (deny still
-        # refuses); its retries, timeout and strictness go with it.
-        asks = setting.policy == ToolPolicy.ASK or (
-            reference.requires_approval and setting.policy == ToolPolicy.AUTO
+        # refuses); its retries, timeout and strictness go with it. A ruled tool whose
+        # server is down asks (its rules cannot be read against a schema it does not have).
+        asks = (
+            setting.policy == ToolPolicy.ASK
+            or (reference.requires_approval and setting.policy == ToolPolicy.AUTO)
+            or (bool(setting.rules) and not ruled)
         )
         toolset.add_tool(
             Tool(
@@ -493,10 +574,11 @@ def build_toolset(tools: Sequence[ToolSetting]) -> FunctionToolset[TurnDeps]:
                 name=reference.name,
                 description=reference.description,
                 function_schema=reference.function_schema,
+                args_validator=reference.args_validator,
                 max_retries=reference.max_retries,
                 timeout=reference.timeout,
                 strict=reference.strict,
-                requires_approval=asks and not setting.rules,
+                requires_approval=asks and not ruled,
                 # One at a time: the tools share a workspace, and the journal then reads in the
                 # order things happened.
                 sequential=True,
@@ -506,26 +588,40 @@ def build_toolset(tools: Sequence[ToolSetting]) -> FunctionToolset[TurnDeps]:
 
 
 def validate_tool_arguments(tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    """Check arguments against the tool's own schema; return them as plain JSON values."""
+    """Check arguments against the tool's own schema; return them as plain JSON values.
+
+    An MCP tool's schema is the server's JSON schema (checked with jsonschema); the others'
+    is their function's (checked with pydantic).
+    """
     _check_known(tool)
+    mcp = _mcp_tools().get(tool)
+    if mcp is not None:
+        details = schema_error_details(mcp.schema, arguments)
+        if details:
+            _invalid_arguments(tool, details)
+        plain_arguments: dict[str, Any] = to_jsonable_python(arguments)
+        return plain_arguments
     validator = _reference_tool(tool).function_schema.validator
     try:
         validated = validator.validate_python(arguments)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'arguments'}: {error['msg']}"
-            for error in exc.errors()
+        _invalid_arguments(
+            tool, exc.errors(include_url=False, include_context=False, include_input=False)
         )
-        raise InvalidInput(
-            f"invalid arguments for tool {tool}: {problems}",
-            detail=exc.errors(include_url=False, include_context=False, include_input=False),
-        ) from None
     plain: dict[str, Any] = to_jsonable_python(validated)
     return plain
 
 
+def _invalid_arguments(tool: str, details: Sequence[Any]) -> NoReturn:
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'arguments'}: {error['msg']}"
+        for error in details
+    )
+    raise InvalidInput(f"invalid arguments for tool {tool}: {problems}", detail=list(details))
+
+
 def tool_parameters(name: str) -> dict[str, Any]:
-    """A built-in tool's arguments: its JSON schema's properties."""
+    """A tool's arguments: its JSON schema's properties."""
     _check_known(name)
     schema = _reference_tool(name).function_schema.json_schema
     properties: dict[str, Any] = schema.get("properties", {})
@@ -533,7 +629,7 @@ def tool_parameters(name: str) -> dict[str, Any]:
 
 
 def tool_schema(name: str) -> dict[str, Any]:
-    """A built-in tool's whole JSON schema for its arguments."""
+    """A tool's whole JSON schema for its arguments."""
     _check_known(name)
     return dict(_reference_tool(name).function_schema.json_schema)
 
@@ -547,8 +643,18 @@ def tool_descriptions() -> dict[str, str]:
 
 
 def _check_known(name: str) -> None:
-    if name not in BUILTIN_TOOLS and name not in _PLUGIN_TOOLS:
-        known = f"built-in tools are {', '.join(sorted(BUILTIN_TOOLS))}"
-        if _PLUGIN_TOOLS:
-            known += f"; plugin tools are {', '.join(sorted(_PLUGIN_TOOLS))}"
-        raise InvalidInput(f"unknown tool: {name}; {known}")
+    if name in BUILTIN_TOOLS or name in _PLUGIN_TOOLS or name in _mcp_tools():
+        return
+    server = _absent_mcp_server(name)
+    if server is not None:
+        why = f"not reachable now ({server.error})" if not server.up else "up, without it"
+        raise InvalidInput(
+            f"unknown tool: {name}; the MCP server {server.name} is {why}, so its tools "
+            "cannot be checked; try again once it offers the tool (see GET /tools)"
+        )
+    known = f"built-in tools are {', '.join(sorted(BUILTIN_TOOLS))}"
+    if _PLUGIN_TOOLS:
+        known += f"; plugin tools are {', '.join(sorted(_PLUGIN_TOOLS))}"
+    if _mcp_tools():
+        known += "; MCP tools are listed by GET /tools"
+    raise InvalidInput(f"unknown tool: {name}; {known}")

@@ -11,10 +11,16 @@ import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from countersign.agent.mcp import CALL_OUTCOMES, LATENCY_BUCKETS, McpHub
 from countersign.api.errors import internal_error_response
 from countersign.db.engine import PoolStatus
 
@@ -39,6 +45,41 @@ class PoolCollector(Collector):
             yield GaugeMetricFamily(name, text, value=value)
 
 
+class McpCollector(Collector):
+    """Exports each MCP server's state and its tool calls (this process's)."""
+
+    def __init__(self, hub: McpHub) -> None:
+        self._hub = hub
+
+    def collect(self) -> Iterable[Metric]:
+        """Read the servers now."""
+        up = GaugeMetricFamily(
+            "countersign_mcp_up", "1 while the MCP server is connected.", labels=["server"]
+        )
+        calls = CounterMetricFamily(
+            "countersign_mcp_calls",
+            "MCP tool calls by outcome (ok, error, timeout, unreachable, broken).",
+            labels=["server", "outcome"],
+        )
+        latency = HistogramMetricFamily(
+            "countersign_mcp_call_duration_seconds",
+            "Time an MCP tool call took, by server.",
+            labels=["server"],
+        )
+        for server in self._hub.servers.values():
+            up.add_metric([server.name], 1 if server.up else 0)
+            stats = server.stats
+            for outcome in CALL_OUTCOMES:
+                calls.add_metric([server.name, outcome], stats.calls[outcome])
+            buckets = [
+                (f"{bound:g}", count)
+                for bound, count in zip(LATENCY_BUCKETS, stats.buckets, strict=True)
+            ]
+            buckets.append(("+Inf", stats.count))
+            latency.add_metric([server.name], buckets, stats.seconds)
+        yield from (up, calls, latency)
+
+
 class Metrics:
     """The application's Prometheus registry and its request metrics."""
 
@@ -60,6 +101,10 @@ class Metrics:
     def watch_pool(self, status: Callable[[], PoolStatus]) -> None:
         """Export the pool's gauges."""
         self.registry.register(PoolCollector(status))
+
+    def watch_mcp(self, hub: McpHub) -> None:
+        """Export the MCP servers' state and calls."""
+        self.registry.register(McpCollector(hub))
 
 
 class ObservabilityMiddleware:

@@ -427,7 +427,10 @@ class AgentCreate(Strict):
     name: Text = Field(min_length=1, max_length=AGENT_NAME_MAX_LENGTH)
     model: Text | None = Field(
         default=None,
-        description="`demo` or `openai:<model>`; the server's default model when left out.",
+        description=(
+            "`demo`, `openai:<model>`, `anthropic:<model>` or `google:<model>`; the server's "
+            "default model when left out. A provider whose API key is not set is refused."
+        ),
     )
     instructions: Text | None = Field(
         default=None,

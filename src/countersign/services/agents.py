@@ -2,8 +2,9 @@
 
 A user sees and uses their own agents plus the default agent; another user's agent is NotFound,
 exactly like a missing one. The default agent is managed by the server: nobody may edit or
-delete it through the API. Everything stored is checked first: a model name the registry
-accepts, built-in tools listed once each, a name and instructions of bounded length.
+delete it through the API. Everything stored is checked first: a model this server can use (a
+name of an accepted form whose provider has its key and extra), built-in tools listed once
+each, a name and instructions of bounded length.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 
-from countersign.agent.models import validate_model_name
+from pydantic import SecretStr
+
+from countersign.agent.models import ModelOptions, check_model
 from countersign.agent.tools import build_toolset
+from countersign.config import Settings
 from countersign.db.uow import UnitOfWork
 from countersign.domain.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from countersign.domain.models import (
@@ -45,6 +49,28 @@ DEFAULT_AGENT_READ_ONLY = (
     "the default agent is managed by the server and cannot be changed or deleted; "
     "create an agent of your own instead"
 )
+
+
+def model_options(settings: Settings) -> ModelOptions:
+    """How this server reaches its model providers, from the settings."""
+
+    def secret(value: SecretStr | None) -> str | None:
+        return None if value is None else value.get_secret_value()
+
+    return ModelOptions(
+        openai_api_key=secret(settings.openai_api_key),
+        openai_base_url=settings.openai_base_url,
+        anthropic_api_key=secret(settings.anthropic_api_key),
+        anthropic_base_url=settings.anthropic_base_url,
+        google_api_key=secret(settings.google_api_key),
+        google_base_url=settings.google_base_url,
+        timeout=settings.model_timeout_seconds,
+    )
+
+
+def _usable_model(deps: ServiceDeps, model: str) -> str:
+    """The normalised model name; InvalidInput unless this server can use that model."""
+    return check_model(model, model_options(deps.settings))
 
 
 async def ensure_default_agent(deps: ServiceDeps) -> Agent:
@@ -96,7 +122,7 @@ async def create_agent(
         id=AgentId(deps.new_id()),
         owner_id=actor,
         name=clean_agent_name(name),
-        model=deps.settings.default_model if model is None else validate_model_name(model),
+        model=deps.settings.default_model if model is None else _usable_model(deps, model),
         instructions=(
             DEFAULT_AGENT_INSTRUCTIONS if instructions is None else clean_instructions(instructions)
         ),
@@ -165,7 +191,7 @@ async def update_agent(
 ) -> Agent:
     """Change an agent of ``actor``'s; what is None stays; Conflict for the default agent."""
     new_name = None if name is None else clean_agent_name(name)
-    new_model = None if model is None else validate_model_name(model)
+    new_model = None if model is None else _usable_model(deps, model)
     new_instructions = None if instructions is None else clean_instructions(instructions)
     new_tools = None if tools is None else clean_tools(tools)
     async with deps.uow_factory() as uow:

@@ -47,7 +47,7 @@ from countersign.agent.runner import (
     open_tool_calls,
     run_turn,
 )
-from countersign.agent.tools import ToolLimits
+from countersign.agent.tools import ToolLimits, tools_generation
 from countersign.db.uow import UnitOfWork
 from countersign.domain.errors import CountersignError, LeaseLost, Unavailable
 from countersign.domain.events import (
@@ -144,7 +144,7 @@ class Executor:
         )
         """Per session: the history length and messages its last turn here ended with."""
         self._cached_messages = 0
-        self._agents: dict[tuple[str, str, tuple[ToolSetting, ...]], TurnAgent] = {}
+        self._agents: dict[tuple[str, str, tuple[ToolSetting, ...], int], TurnAgent] = {}
 
     async def start(self, *, single_process: bool) -> None:
         """Recover what a previous process left and begin claiming runs."""
@@ -188,7 +188,8 @@ class Executor:
         """The runnable agent for a profile (built once per process and profile version) and
         the model it holds in use; give the model back with ``release_model``."""
         model = await self._models.take(profile.model)
-        key = (profile.model, profile.instructions, profile.tools)
+        # The tools on offer change when an MCP server connects with other tools: rebuilt then.
+        key = (profile.model, profile.instructions, profile.tools, tools_generation())
         agent = self._agents.get(key)
         if agent is None or agent.model is not model:
             if len(self._agents) >= MAX_CACHED_AGENTS:
