@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from countersign.broker import MAX_HANDED_EVENTS, LocalBroker, PostgresBroker
+from countersign.broker import MAX_HANDED_EVENTS, OUTBOX_LIMIT, LocalBroker, PostgresBroker
 from countersign.config import normalise_database_url
 from countersign.domain.events import EventType, RunEvent
 from countersign.domain.models import RunId, new_id
@@ -103,3 +103,28 @@ async def test_a_follower_that_falls_far_behind_is_told_to_read_the_database() -
         assert await follower.next(1) == []
         broker.run_changed(run_id, [stored_event(run_id, MAX_HANDED_EVENTS + 2)])
         assert [event.seq for event in await follower.next(1) or []] == [MAX_HANDED_EVENTS + 2]
+
+
+@pytest.mark.backends("postgres")
+async def test_wake_ups_piled_up_without_a_connection_stay_bounded_and_still_wake(
+    database: TestDatabase,
+) -> None:
+    """While the broker has no connection, 25,000 wake-ups of distinct runs leave at most
+    OUTBOX_LIMIT waiting; once it connects, the other process is still woken."""
+    dsn = normalise_database_url(database.url).replace("+asyncpg", "", 1)
+    here, there = PostgresBroker(dsn), PostgresBroker(dsn)
+    for _ in range(25_000):
+        here.run_changed(RunId(new_id()))
+    assert len(here._outbox) <= OUTBOX_LIMIT
+    await there.start()
+    try:
+        async with asyncio.timeout(10):
+            await there.connected.wait()
+        waiting = asyncio.create_task(there.wait_for_work(30))
+        await asyncio.sleep(0.1)
+        await here.start()  # connects, then sends what waited (a general wake-up among it)
+        async with asyncio.timeout(10):
+            await waiting
+    finally:
+        await here.stop()
+        await there.stop()

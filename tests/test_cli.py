@@ -511,6 +511,8 @@ def test_tools_check_connects_to_each_mcp_server_and_fails_on_one_it_cannot_reac
         ('{"a": {"command": "x", "timeout_seconds": 0}}', "greater than 0"),
         ("[1]", "is not a JSON object"),
         ("{nope", "is not valid JSON"),
+        ('{"a": {"url": "http://h/mcp", "headers": {"X": ["tok3n-secret"]}}}', "at a.headers.X"),
+        ('{"a": {"command": "x", "env": {"K": 7777777}}}', "at a.env.K"),
     ],
 )
 def test_a_bad_mcp_server_setting_is_one_sentence_and_exit_2(
@@ -523,3 +525,32 @@ def test_a_bad_mcp_server_setting_is_one_sentence_and_exit_2(
     message = assert_one_error(finished)
     assert "COUNTERSIGN_MCP_SERVERS" in message
     assert reason in message
+    assert "tok3n-secret" not in finished.stdout + finished.stderr
+    assert "7777777" not in finished.stdout + finished.stderr
+
+
+def test_db_prune_prints_what_it_removed_and_the_sizes(tmp_path: Path) -> None:
+    env = cli_env(f"sqlite:///{tmp_path / 'prune.db'}")
+    assert countersign("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    finished = countersign("db", "prune", "--older-than", "30d", env=env, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    lines = finished.stdout.splitlines()
+    assert lines[0] == "removed 0 text delta(s) of 0 run(s) that ended more than 30d ago"
+    assert lines[1] == "events: 0 rows before, 0 after"
+    assert re.fullmatch(
+        r"size of the database file's used pages: \d+ bytes before, \d+ after", lines[2]
+    ), lines
+    for bad in ("30", "thirty days", "-1d", "1y", ""):
+        refused = countersign("db", "prune", "--older-than", bad, env=env, cwd=tmp_path)
+        assert refused.returncode == 2, (bad, refused.stdout, refused.stderr)
+        assert "is not an age" in assert_one_error(refused)
+    missing = countersign("db", "prune", env=env, cwd=tmp_path)
+    assert missing.returncode == 2
+
+
+def test_a_bad_prune_age_setting_is_one_sentence_and_exit_2(tmp_path: Path) -> None:
+    env = cli_env(COUNTERSIGN_PRUNE_OLDER_THAN="soon")
+    finished = countersign("tools", "check", env=env, cwd=tmp_path)
+    assert finished.returncode == 2, finished.stdout + finished.stderr
+    message = assert_one_error(finished)
+    assert message.startswith("COUNTERSIGN_PRUNE_OLDER_THAN is not an age")

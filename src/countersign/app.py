@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import timedelta
 from functools import partial
 
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -57,8 +58,9 @@ from countersign.services.agents import ensure_default_agent, model_options
 from countersign.services.executor import Executor, ExecutorOptions, executor_name
 from countersign.services.feed import FEED_LOOP, FeedHub
 from countersign.services.follow import FOLLOW_LOOP, follow_loop
-from countersign.services.tools import load_tool_plugins, open_mcp_hub
-from countersign.supervisor import Supervisor
+from countersign.services.retention import prune_older_than
+from countersign.services.tools import load_tool_plugins, open_mcp_hub, use_mcp_hub
+from countersign.supervisor import Loop, Supervisor
 
 logger = logging.getLogger("countersign")
 
@@ -94,8 +96,9 @@ def create_app(settings: Settings) -> FastAPI:
             # Requests hand the runs they start to this process's executor.
             services = replace(services, executor=executor)
             try:
+                # Before any run: an agent's MCP tools are known once the servers answer.
+                use_mcp_hub(mcp)
                 if mcp is not None:
-                    # Before any run: an agent's MCP tools are known once the servers answer.
                     await mcp.start()
                 if isinstance(broker, PostgresBroker):
                     await broker.start(supervisor)
@@ -105,6 +108,10 @@ def create_app(settings: Settings) -> FastAPI:
                     partial(follow_loop, services, every=settings.executor_poll_seconds),
                     stale_after=max(10.0, 10 * settings.executor_poll_seconds),
                 )
+                if settings.prune_older_than is not None:
+                    supervisor.start(
+                        PRUNE_LOOP, partial(prune_daily, services, settings.prune_older_than)
+                    )
                 feeds = FeedHub(services)
                 supervisor.start(FEED_LOOP, feeds.run)
                 app.state.feeds = feeds
@@ -121,6 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await supervisor.stop()
                 if mcp is not None:
                     await mcp.stop()
+                    use_mcp_hub(None)
                 if isinstance(broker, PostgresBroker):
                     await broker.stop()
         finally:
@@ -189,6 +197,18 @@ async def ready_reason(
     if problems:
         return "; ".join(problems)
     return await database_reason()
+
+
+PRUNE_LOOP = "prune"
+PRUNE_EVERY_SECONDS = 24 * 3600.0
+
+
+async def prune_daily(services: ServiceDeps, age: timedelta, loop: Loop) -> None:
+    """Prune at start, then once a day (``COUNTERSIGN_PRUNE_OLDER_THAN``)."""
+    while True:
+        await prune_older_than(services, age)
+        loop.working()
+        await asyncio.sleep(PRUNE_EVERY_SECONDS)
 
 
 def check_settings(settings: Settings) -> None:

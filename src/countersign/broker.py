@@ -179,6 +179,8 @@ CONNECT_SECONDS = 10.0
 RUNS_CHANNEL = "countersign_runs"
 WORK_CHANNEL = "countersign_work"
 CHANGES_CHANNEL = "countersign_changes"
+OUTBOX_LIMIT = 10_000
+"""Wake-ups waiting to be sent at most (while the connection is down they pile up)."""
 
 
 class PostgresBroker(LocalBroker):
@@ -196,6 +198,7 @@ class PostgresBroker(LocalBroker):
         # are one notification to send, so the outbox stays as small as the runs touched.
         self._outbox: set[tuple[str, str]] = set()
         self._outbox_ready = asyncio.Event()
+        self._overflowed = False
         self._loop: Loop | None = None
         self._own_pids: set[int] = set()
         self.connected = asyncio.Event()
@@ -235,6 +238,18 @@ class PostgresBroker(LocalBroker):
         self._send(CHANGES_CHANNEL, note)
 
     def _send(self, channel: str, payload: str) -> None:
+        if len(self._outbox) >= OUTBOX_LIMIT and (channel, payload) not in self._outbox:
+            # Bounded (it grows while the connection is down): past the limit, the precise
+            # wake-ups give way to the two general ones, and the other processes' sweeps
+            # and polls find what changed, as they do after any outage.
+            self._outbox = {(WORK_CHANNEL, ""), (CHANGES_CHANNEL, "")}
+            if not self._overflowed:
+                self._overflowed = True
+                logger.warning(
+                    "more than %d wake-ups waited to be sent; the other processes will find "
+                    "the changes by polling",
+                    OUTBOX_LIMIT,
+                )
         self._outbox.add((channel, payload))
         self._outbox_ready.set()
 
@@ -279,6 +294,7 @@ class PostgresBroker(LocalBroker):
                 await self._outbox_ready.wait()
                 self._outbox_ready.clear()
                 batch, self._outbox = self._outbox, set()
+                self._overflowed = False
                 try:
                     await sender.executemany("SELECT pg_notify($1, $2)", sorted(batch))
                 except BaseException:

@@ -13,10 +13,11 @@ import sys
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
-from countersign.config import Settings, load_settings
+from countersign.config import Settings, load_settings, parse_age
 from countersign.db import doctor, migrations
 from countersign.db.doctor import Report, Status, diagnose, startup_gate
 from countersign.db.engine import safe_url
@@ -27,10 +28,11 @@ from countersign.domain.errors import (
     InvalidInput,
     StartupError,
 )
-from countersign.services.tools import list_tools, load_tool_plugins, open_mcp_hub
+from countersign.services.tools import list_tools, load_tool_plugins, open_mcp_hub, use_mcp_hub
 
 if TYPE_CHECKING:
     from countersign.services import ServiceDeps
+    from countersign.services.retention import PruneReport
 
 # The web stack (app, uvicorn) and the services are imported inside the commands that use
 # them: `db check` and a settings error then answer in about half the time, which probes,
@@ -241,6 +243,45 @@ def db_check(
     raise typer.Exit(0 if report.ok else 1)
 
 
+@db_cli.command("prune")
+def db_prune(
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            help="Runs that ended longer ago than this (30d, 12h, 90m, 3600s) lose their "
+            "text deltas; messages, tool calls, approvals and run records stay.",
+        ),
+    ],
+) -> None:
+    """Remove the text.delta events of runs that ended long ago, and print the sizes."""
+    settings = _settings()
+    try:
+        age = parse_age(older_than)
+    except ValueError as exc:
+        raise _fail(f"--older-than {older_than!r} {exc}.", code=2) from None
+
+    async def work() -> PruneReport:
+        from countersign.services.retention import prune_older_than
+
+        async with _services(settings) as services:
+            return await prune_older_than(services, age)
+
+    report = _run(work())
+    typer.echo(
+        f"removed {report.deltas} text delta(s) of {report.runs} run(s) that ended more than "
+        f"{older_than} ago"
+    )
+    typer.echo(f"events: {report.events_before} rows before, {report.events_after} after")
+    if report.bytes_before is not None and report.bytes_after is not None:
+        what = "the events table" if not settings.is_sqlite else "the database file's used pages"
+        typer.echo(
+            f"size of {what}: {report.bytes_before} bytes before, {report.bytes_after} after"
+        )
+        if settings.is_sqlite:
+            typer.echo("SQLite reuses the freed pages; VACUUM gives them back to the disk.")
+
+
 @tools_cli.command("check")
 def tools_check() -> None:
     """List every tool an agent may be given, one line each, after each MCP server and plugin:
@@ -260,10 +301,11 @@ def tools_check() -> None:
         hub = open_mcp_hub(settings)
     except ConfigError as exc:
         raise _fail(exc.message, hint=exc.hint) from None
+    use_mcp_hub(hub)
     if hub is not None:
         asyncio.run(hub.check())
         for server in hub.servers.values():
-            where = server.spec.command or server.spec.url
+            where = server.spec.command or _without_credentials(server.spec.url or "")
             if server.up:
                 typer.echo(
                     f"[ok  ] MCP server {server.name} ({server.spec.transport} {where}): "
@@ -282,6 +324,14 @@ def tools_check() -> None:
     for line in failed:
         typer.echo(line)
     raise typer.Exit(1 if failed else 0)
+
+
+def _without_credentials(url: str) -> str:
+    """The URL with no user, password, query or fragment (where credentials may hide)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @user_cli.command("create")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -194,6 +195,25 @@ class OAuthProvider(BaseModel):
         return {name: url for name in _PROVIDER_URLS if (url := getattr(self, name)) is not None}
 
 
+_AGE = re.compile(r"(\d+)\s*([dhms])")
+_AGE_UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+
+
+def parse_age(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m`` or ``3600s`` as a duration; ValueError in words otherwise."""
+    found = _AGE.fullmatch(text.strip().lower())
+    if found is None:
+        raise ValueError(
+            "is not an age; use a whole number of days, hours, minutes or seconds: "
+            "30d, 12h, 90m, 3600s"
+        )
+    amount, unit = int(found.group(1)), found.group(2)
+    try:
+        return timedelta(**{_AGE_UNITS[unit]: amount})
+    except OverflowError:
+        raise ValueError("is too long an age") from None
+
+
 MCP_SERVER_NAME = re.compile(r"^[A-Za-z0-9-]{1,32}$")
 
 
@@ -319,6 +339,9 @@ class Settings(BaseSettings):
     oauth_providers: Annotated[dict[str, OAuthProvider], NoDecode] = Field(default_factory=dict)
     """Sign-in providers by name, as a JSON object:
     ``{"google": {"kind": "google", "client_id": "…", "client_secret": "…"}}``."""
+    prune_older_than: Annotated[timedelta | None, NoDecode] = None
+    """When set (e.g. ``30d``), the server removes the text deltas of runs that ended longer
+    ago than this, once at start and then daily (``countersign db prune``)."""
     mcp_servers: Annotated[dict[str, McpServerSettings], NoDecode] = Field(default_factory=dict)
     """MCP servers whose tools agents may be given, as a JSON object by name:
     ``{"files": {"command": "…", "args": […], "env": {…}}, "web": {"url": "https://…/mcp",
@@ -366,6 +389,13 @@ class Settings(BaseSettings):
             value = [name.strip() for name in value.split(",") if name.strip()]
         if isinstance(value, list):
             return list(dict.fromkeys(value))  # a name given twice is loaded once
+        return value
+
+    @field_validator("prune_older_than", mode="before")
+    @classmethod
+    def _parse_prune_age(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_age(value) if value.strip() else None
         return value
 
     @field_validator("mcp_servers", mode="before")
@@ -577,8 +607,14 @@ def _describe(exc: ValidationError) -> str:
     name = f"{ENV_PREFIX}{location[0].upper()}"
     value = error.get("input")
     # Provider settings carry client secrets: never echo them, nor any part of them.
+    # MCP servers' headers, env and args carry tokens the same way; keys are keys.
     hidden = (
-        "SECRET" in name or "DATABASE_URL" in name or "OAUTH" in name or isinstance(value, dict)
+        "SECRET" in name
+        or "DATABASE_URL" in name
+        or "OAUTH" in name
+        or "MCP_SERVERS" in name
+        or "API_KEY" in name
+        or isinstance(value, dict)
     )
     shown = "" if hidden else f" (got {value!r})"
     if len(location) > 1:

@@ -22,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.api.test_runs import Sse, events, send
 from tests.api.test_tool_rules import make_agent, session_with
 from tests.conftest import Account
-from tests.services.test_runs import running_app
+from tests.services.test_runs import FAKE_MODEL, fake_model_settings, running_app
 from tests.support.databases import TestDatabase
+from tests.support.fake_openai import FakeOpenAI, text, tool_call
 from tests.support.mcp_server import McpHttpServer, free_port, stdio_settings
 
 API = "/api/v1"
@@ -197,6 +198,34 @@ async def test_an_mcp_call_waits_for_approval_and_edited_arguments_meet_the_tool
         assert rest[-1].event == "run.finished"
 
 
+async def test_arguments_that_are_not_an_object_go_back_to_the_model_and_nothing_runs(
+    database: TestDatabase, tmp_path: Path
+) -> None:
+    with FakeOpenAI() as model:
+        model.script(tool_call("t_add", "[1, 2]"), text("sorry"))
+        settings = fake_model_settings(model, mcp_servers={"t": stdio_settings()})
+        async with running_app(database, tmp_path, **settings) as harness:
+            client, account = harness.client, harness.account
+            agent = await client.post(
+                f"{API}/agents",
+                json={
+                    "name": "listy",
+                    "model": FAKE_MODEL,
+                    "tools": [{"name": "t_add", "policy": "auto"}],
+                },
+                headers=account.headers,
+            )
+            assert agent.status_code == 201, agent.text
+            session_id = await session_with(client, account, agent.json()["id"])
+            ran = await run_tool(client, account, session_id, "add one and two")
+            assert [event.event for event in ran if event.event.startswith("tool.")] == []
+            assert ran[-1].event == "run.finished"
+            assert ran[-1].data["status"] == "succeeded"
+    retry = model.requests[1].messages[-1]
+    assert retry["role"] == "tool"
+    assert "dict" in retry["content"] or "object" in retry["content"], retry
+
+
 async def test_a_tool_past_its_time_limit_is_its_output_and_the_turn_goes_on(
     database: TestDatabase, tmp_path: Path
 ) -> None:
@@ -292,21 +321,34 @@ async def test_an_agent_keeps_working_when_its_mcp_server_is_unreachable_at_star
         good = {"web": {"url": remote.url, "headers": {"Authorization": "Bearer right"}}}
         async with running_app(database, tmp_path, mcp_servers=good) as harness:
             client, account = harness.client, harness.account
-            agent = await make_agent(client, account, [{"name": "web_echo", "policy": "auto"}])
+            denying = [{"when": {"text": {"prefix": "x"}}, "policy": "deny"}]
+            agent = await make_agent(
+                client,
+                account,
+                [
+                    {"name": "web_add", "policy": "auto"},
+                    {"name": "web_echo", "policy": "ask", "rules": denying},
+                ],
+            )
             assert agent.status_code == 201, agent.text
             session_id = await session_with(client, account, agent.json()["id"])
-            ran = await run_tool(client, account, session_id, '/tool web_echo {"text": "hi"}')
-            assert output_of(ran) == "hi"
+            ran = await run_tool(client, account, session_id, '/tool web_add {"a": 1, "b": 2}')
+            assert output_of(ran) == "3"
 
         # The operator's token is wrong after a restart: the server starts and serves anyway.
         wrong = {"web": {"url": remote.url, "headers": {"Authorization": "Bearer wrong"}}}
         async with running_app(database, tmp_path, mcp_servers=wrong) as later:
             client = later.client
             assert (await client.get("/health/ready")).status_code == 200
-            assert "web_echo" not in await listed_tools(client, account)
-            ran = await run_tool(client, account, session_id, '/tool web_echo {"text": "hi"}')
+            assert "web_add" not in await listed_tools(client, account)
+            ran = await run_tool(client, account, session_id, '/tool web_add {"a": 1, "b": 2}')
             assert ran[-1].event == "run.finished"
             output = output_of(ran)
             assert output.startswith("The MCP server web is not reachable (")
-            assert output.endswith("so the tool web_echo did not run.")
+            assert output.endswith("so the tool web_add did not run.")
             assert "wrong" not in output.replace("went wrong", "")
+            # Its stand-in never asks a person about a call that cannot run, rules or not.
+            for arguments in ('{"text": "xyz"}', '{"text": "abc"}'):
+                ruled = await run_tool(client, account, session_id, f"/tool web_echo {arguments}")
+                assert ruled[-1].event == "run.finished"
+                assert output_of(ruled).endswith("so the tool web_echo did not run.")

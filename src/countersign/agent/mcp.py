@@ -23,13 +23,12 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import jsonschema
 from pydantic_ai import ModelRetry, Tool
-from pydantic_ai.messages import BinaryContent
-from pydantic_core import to_jsonable_python
+from pydantic_core import SchemaValidator, core_schema, to_jsonable_python
 
 from countersign.domain.errors import ConfigError
 
@@ -44,9 +43,10 @@ PING_EVERY = 10.0
 CONNECT_TIMEOUT = 10.0
 """Seconds to connect (start the process, or reach the URL) and list the tools."""
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-CALL_OUTCOMES = ("ok", "error", "timeout", "unreachable", "broken")
+CALL_OUTCOMES = ("ok", "error", "timeout", "unreachable", "broken", "cancelled")
 """A call's outcome: answered, the tool reported an error, past its time limit, server down
-(it did not run), the connection broke off during the call (whether it ran is unknown)."""
+(it did not run), the connection broke off during the call (whether it ran is unknown), the
+run was cancelled (or stopped) during the call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +140,9 @@ class McpServer:
         return self.spec.name
 
     def start(self) -> None:
-        """Begin holding the connection, in a task of its own."""
+        """Begin holding the connection, in a task of its own (on the running event loop)."""
+        self._lost = asyncio.Event()
+        self.first_attempt = asyncio.Event()
         self._task = asyncio.create_task(self._hold(), name=f"mcp:{self.name}")
 
     async def stop(self) -> None:
@@ -177,11 +179,11 @@ class McpServer:
                         await toolset.__aenter__()
                         entered = True
                         listed = await toolset.list_tools()
+                    self._install(listed)
                 except Exception as exc:  # noqa: BLE001 - the server is down: say why
                     self._went_down(_describe(exc))
                 else:
                     backoff = FIRST_BACKOFF
-                    self._install(listed)
                     self._toolset = toolset
                     self._lost.clear()
                     self.up = True
@@ -189,9 +191,15 @@ class McpServer:
                     logger.info("MCP server %s is connected (%d tools)", self.name, len(listed))
                     self.first_attempt.set()
                     await self._watch(toolset)
+            except Exception as exc:
+                logger.exception("holding the connection to MCP server %s failed", self.name)
+                self._went_down(_describe(exc))
             finally:
                 self.first_attempt.set()
+                # Calls that took this connection before now fail on it and report no loss
+                # (it is no longer the current one); later calls find the server down.
                 self._toolset = None
+                self.up = False
                 if entered:
                     with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                         async with asyncio.timeout(5):
@@ -227,7 +235,7 @@ class McpServer:
         taken = self._hub.taken_by_others(self.name)
         for remote in listed:
             full = f"{self.name}_{remote.name}"
-            if not TOOL_NAME.match(full):
+            if not TOOL_NAME.fullmatch(full):
                 refused.append(
                     f"the tool {remote.name!r} is left out: {full!r} is not a usable tool name"
                 )
@@ -262,8 +270,10 @@ class McpServer:
             if problems:
                 raise ModelRetry(f"invalid arguments for tool {full}: {'; '.join(problems)}")
 
-        tool = Tool.from_schema(
-            call, name=full, description=description, json_schema=schema, args_validator=check
+        tool = object_arguments(
+            Tool.from_schema(
+                call, name=full, description=description, json_schema=schema, args_validator=check
+            )
         )
         return McpTool(full, self.name, remote_name, description, schema, tool)
 
@@ -277,6 +287,8 @@ class McpServer:
             # A tool's error comes back as an exception, turned into its output here.
             "tool_error_behavior": "error",
             "init_timeout": CONNECT_TIMEOUT,
+            # The client's own limit on a request stays out of the way of the call's.
+            "read_timeout": spec.timeout + CONNECT_TIMEOUT,
             "cache_tools": True,
         }
         if spec.command is not None:
@@ -297,7 +309,7 @@ class McpServer:
         full = f"{self.name}_{remote}"
         toolset = self._toolset
         started = time.perf_counter()
-        outcome = "ok"
+        outcome = "cancelled"
         try:
             if toolset is None or not self.up:
                 outcome = "unreachable"
@@ -307,25 +319,30 @@ class McpServer:
                 )
             try:
                 async with asyncio.timeout(self.spec.timeout):
-                    result = await toolset.direct_call_tool(remote, arguments)
-            except TimeoutError:
-                outcome = "timeout"
-                return (
-                    f"The tool {full} did not answer within {self.spec.timeout:g} s; whether it "
-                    "took effect is unknown."
-                )
+                    # On the held client itself: a connection closed meanwhile fails the call
+                    # (the toolset would quietly open a new one the hub knows nothing of).
+                    result = await toolset.client.call_tool(remote, arguments, raise_on_error=True)
             except Exception as exc:  # noqa: BLE001 - sorted below, each one in words
-                if _is_tool_error(exc):
-                    outcome = "error"
-                    return f"The tool {full} failed: {_one_line(str(exc)) or type(exc).__name__}"
-                outcome = "broken"
+                outcome = _failure(exc)
+                if outcome == "timeout":
+                    return (
+                        f"The tool {full} did not answer within {self.spec.timeout:g} s; "
+                        "whether it took effect is unknown."
+                    )
+                if outcome == "error":
+                    detail = _one_line(str(_leaf(exc))) or type(_leaf(exc)).__name__
+                    return f"The tool {full} failed: {detail}"
                 reason = _describe(exc)
-                self.error = reason
-                self._lost.set()
+                if toolset is self._toolset:
+                    # Only the current connection's loss counts: a late failure of a call on
+                    # an old one must not tear down the connection that replaced it.
+                    self.error = reason
+                    self._lost.set()
                 return (
                     f"The connection to the MCP server {self.name} broke off during the call "
                     f"({reason}); whether the tool {full} took effect is unknown."
                 )
+            outcome = "ok"
             return _as_text(result)
         finally:
             self.stats.record(outcome, time.perf_counter() - started)
@@ -387,6 +404,13 @@ class McpHub:
         await asyncio.gather(*(server.stop() for server in self.servers.values()))
 
 
+def object_arguments(tool: Tool[Any]) -> Tool[Any]:
+    """The tool, taking only a JSON object as its arguments: a model that sends a list, a
+    string or null is asked to correct them (``Tool.from_schema`` would take anything)."""
+    tool.function_schema.validator = SchemaValidator(core_schema.dict_schema())
+    return tool
+
+
 def schema_problems(schema: dict[str, Any], arguments: dict[str, Any]) -> list[str]:
     """What is wrong with ``arguments`` by the tool's JSON schema, one line per problem
     starting with where (``field: …``); empty when they are valid."""
@@ -414,30 +438,76 @@ def schema_error_details(schema: dict[str, Any], arguments: dict[str, Any]) -> l
     ]
 
 
-def _is_tool_error(exc: BaseException) -> bool:
-    """The tool (or the server, about this call) said no; the connection is fine."""
-    from fastmcp.exceptions import McpError, ToolError  # the optional extra
-    from mcp.types import CONNECTION_CLOSED  # the optional extra
+def _leaf(exc: BaseException) -> BaseException:
+    """The first error inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
+
+def _failure(exc: Exception) -> str:
+    """``error`` when the tool (or the server, about this call) said no and the connection is
+    fine; ``timeout`` when the client gave up waiting; else ``broken``."""
+    from fastmcp.exceptions import McpError, ToolError  # the optional extra
+    from mcp.types import CONNECTION_CLOSED, REQUEST_TIMEOUT  # the optional extra
+
+    if isinstance(exc, BaseExceptionGroup):
+        # The client's task group may wrap the error; only a group of nothing but tool or
+        # protocol errors is one.
+        matched, rest = exc.split((ToolError, McpError))
+        if matched is None or rest is not None:
+            return "broken"
+        exc = cast(Exception, _leaf(matched))
+    if isinstance(exc, TimeoutError):
+        return "timeout"
     if isinstance(exc, ToolError):
-        return True
-    return isinstance(exc, McpError) and exc.error.code != CONNECTION_CLOSED
+        return "error"
+    if isinstance(exc, McpError):
+        if exc.error.code == REQUEST_TIMEOUT:
+            return "timeout"
+        return "broken" if exc.error.code == CONNECTION_CLOSED else "error"
+    return "broken"
 
 
 def _as_text(result: Any) -> str:
-    if isinstance(result, str):
-        return result
-    if isinstance(result, BinaryContent):
-        return f"[{result.media_type} content, {len(result.data)} bytes]"
-    if isinstance(result, list) and any(isinstance(item, BinaryContent) for item in result):
-        return "\n".join(_as_text(item) for item in result)
-    return json.dumps(to_jsonable_python(result, bytes_mode="base64"), ensure_ascii=False)
+    """A tool's result as the text the model reads: its structured content when the text
+    blocks only repeat it, else its blocks (media as a note of their type and size)."""
+    structured = result.structured_content
+    blocks = list(result.content or [])
+    if structured is not None and all(_kind(block) == "text" for block in blocks):
+        value = structured
+        if isinstance(value, dict) and list(value) == ["result"]:
+            value = value["result"]  # the SDK wraps a plain value
+        if isinstance(value, str):
+            return value
+        return json.dumps(to_jsonable_python(value), ensure_ascii=False)
+    return "\n".join(_block_text(block) for block in blocks)
+
+
+def _kind(block: Any) -> str:
+    return str(getattr(block, "type", ""))
+
+
+def _block_text(block: Any) -> str:
+    kind = _kind(block)
+    if kind == "text":
+        return str(block.text)
+    if kind in ("image", "audio"):
+        media = getattr(block, "mime_type", None) or getattr(block, "mimeType", "")
+        size = len(getattr(block, "data", "") or "") * 3 // 4  # base64
+        return f"[{media or kind} content, about {size} bytes]"
+    if kind == "resource":
+        resource = block.resource
+        text = getattr(resource, "text", None)
+        return str(text) if text is not None else f"[resource {resource.uri}]"
+    if kind == "resource_link":
+        return f"[resource {block.uri}]"
+    return f"[{kind or 'unknown'} content]"
 
 
 def _describe(exc: BaseException) -> str:
     """One line for a connection failure (the innermost useful error of a group)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
+    exc = _leaf(exc)
     if isinstance(exc, TimeoutError):
         return f"no answer within {CONNECT_TIMEOUT:g} s"
     text = _one_line(str(exc))

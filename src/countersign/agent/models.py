@@ -74,7 +74,8 @@ _ACCEPTED_FORMS = (
 )
 _TOOL_COMMAND = re.compile(r"/tool(?:\s+(?P<name>[^\s{]+)(?P<arguments>.*))?", re.DOTALL)
 _WORD = re.compile(r"\s*\S+")
-_SECRET_LOOKING = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_\-*.]{4,}")
+# OpenAI-style keys (sk-…, also Anthropic's sk-ant-…) and Google API keys (AIza…).
+_SECRET_LOOKING = re.compile(r"\b(?:(?:sk|pk|rk)-[A-Za-z0-9_\-*.]{4,}|AIza[0-9A-Za-z_\-]{20,})")
 _MAX_DETAIL_LENGTH = 200
 _CREDENTIAL_HEADERS: Final = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
 _ENDPOINT = re.compile(

@@ -33,7 +33,7 @@ from pydantic_ai.tools import ToolFuncContext
 from pydantic_ai.toolsets import FunctionToolset, ToolsetTool
 from pydantic_core import to_jsonable_python
 
-from countersign.agent.mcp import McpHub, McpServer, schema_error_details
+from countersign.agent.mcp import McpHub, McpServer, object_arguments, schema_error_details
 from countersign.agent.plugins import PluginTool
 from countersign.agent.rules import ArgumentKind, PolicyDecision, check_rules, decide
 from countersign.domain.errors import InvalidInput
@@ -403,11 +403,13 @@ def _absent_tool(name: str, server: McpServer) -> Tool[Any]:
             )
         return f"The MCP server {server.name} offers no tool {name} now, so it did not run."
 
-    return Tool.from_schema(
-        unavailable,
-        name=name,
-        description=f"A tool of the MCP server {server.name} (not reachable now).",
-        json_schema={"type": "object", "additionalProperties": True},
+    return object_arguments(
+        Tool.from_schema(
+            unavailable,
+            name=name,
+            description=f"A tool of the MCP server {server.name} (not reachable now).",
+            json_schema={"type": "object", "additionalProperties": True},
+        )
     )
 
 
@@ -559,14 +561,14 @@ def build_toolset(
     )
     for setting in tools:
         reference = _reference_tool(setting.name)
-        ruled = bool(setting.rules) and _absent_mcp_server(setting.name) is None
+        absent = _absent_mcp_server(setting.name) is not None
+        ruled = bool(setting.rules) and not absent
         # A plugin's tool that requires approval asks whatever the agent says (deny still
-        # refuses); its retries, timeout and strictness go with it. A ruled tool whose
-        # server is down asks (its rules cannot be read against a schema it does not have).
-        asks = (
+        # refuses); its retries, timeout and strictness go with it. The stand-in for a tool
+        # whose MCP server does not offer it never asks: a call of it only says so.
+        asks = not absent and (
             setting.policy == ToolPolicy.ASK
             or (reference.requires_approval and setting.policy == ToolPolicy.AUTO)
-            or (bool(setting.rules) and not ruled)
         )
         toolset.add_tool(
             Tool(

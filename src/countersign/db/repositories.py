@@ -951,6 +951,41 @@ class RunRepository:
         )
         return [_event(row) for row in rows]
 
+    async def ended_before(
+        self, before: datetime, *, after: RunId | None, limit: int
+    ) -> list[RunId]:
+        """Runs that ended before ``before``, in id order, from after ``after`` on."""
+        query = select(RunRow.id).where(
+            RunRow.status.not_in([status.value for status in _ACTIVE]),
+            RunRow.finished_at < before,
+        )
+        if after is not None:
+            query = query.where(RunRow.id > after)
+        ids = await self._db.scalars(query.order_by(RunRow.id).limit(limit))
+        return [RunId(run_id) for run_id in ids]
+
+    async def delete_text_deltas(self, run_ids: list[RunId]) -> int:
+        """Remove these runs' text.delta events; how many there were."""
+        result = await self._db.execute(
+            delete(EventRow).where(
+                EventRow.run_id.in_(run_ids), EventRow.type == EventType.TEXT_DELTA.value
+            )
+        )
+        return _rowcount(result)
+
+    async def event_storage(self) -> tuple[int, int | None]:
+        """The events' row count, and their size on disk: PostgreSQL, the table with its
+        indexes and TOAST; SQLite, the database file's pages in use (all tables)."""
+        rows = int(await self._db.scalar(select(func.count()).select_from(EventRow)) or 0)
+        if self._db.get_bind().dialect.name == "postgresql":
+            size = await self._db.scalar(text("SELECT pg_total_relation_size('events')"))
+        else:
+            pages = await self._db.scalar(text("PRAGMA page_count"))
+            free = await self._db.scalar(text("PRAGMA freelist_count"))
+            page_size = await self._db.scalar(text("PRAGMA page_size"))
+            size = None if None in (pages, free, page_size) else (pages - free) * page_size
+        return rows, None if size is None else int(size)
+
     async def tool_calls_after(self, run_id: RunId, *, after_seq: int) -> list[RunEvent]:
         """The run's tool.call and tool.result events after ``after_seq``."""
         rows = await self._db.scalars(

@@ -728,6 +728,9 @@ class _Turn:
         expires_at = now + timedelta(seconds=self.deps.settings.approval_ttl_seconds)
         events: list[NewEvent] = []
         async with self.lock, self.deps.uow_factory() as uow:
+            # Again under the lock: a background flush that held it may just have failed,
+            # and ending now would store the run without that batch's text.
+            self._raise_write_error()
             for tool_request in outcome.requests:
                 approval = Approval(
                     id=ApprovalId(self.deps.new_id()),
@@ -786,6 +789,9 @@ class _Turn:
         self._raise_write_error()
         now = self.deps.clock.now()
         async with self.lock, self.deps.uow_factory() as uow:
+            # Again under the lock: a background flush that held it may just have failed,
+            # and finishing now would store a reply whose deltas miss that batch's text.
+            self._raise_write_error()
             pending = self._take_pending()
             content = self.start.earlier_text + (outcome.reply or "")
             message = await uow.messages.add_next(

@@ -6,6 +6,9 @@ like a missing one.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import shutil
 import uuid
 from datetime import datetime
 from typing import TypeVar
@@ -38,6 +41,8 @@ T = TypeVar("T")
 
 DEFAULT_TITLE = "New session"
 SESSION_NOT_FOUND = "session not found"
+
+logger = logging.getLogger(__name__)
 
 
 async def create_session(
@@ -150,6 +155,23 @@ async def delete_session(deps: ServiceDeps, *, actor: UserId, session_id: Sessio
         await uow.sessions.delete_owned(session_id, owner=actor)
         await uow.commit()
     deps.broker.data_changed(deleted_session_note(actor, session_id))
+    await delete_workspace(deps, session_id)
+
+
+async def delete_workspace(deps: ServiceDeps, session_id: SessionId) -> None:
+    """Remove a deleted session's workspace folder (what its tools wrote), if it has one."""
+    folder = deps.settings.workspace_root / str(session_id)
+    try:
+        await asyncio.to_thread(shutil.rmtree, folder)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        # The session is gone already; a folder that cannot go is the operator's to clear.
+        logger.warning(
+            "the workspace of deleted session %s could not be removed: %s",
+            session_id,
+            exc.strerror or type(exc).__name__,
+        )
 
 
 async def list_messages(

@@ -82,9 +82,15 @@ def mcp_specs(settings: Settings) -> dict[str, McpServerSpec]:
 
 
 def open_mcp_hub(settings: Settings) -> McpHub | None:
-    """A hub for the configured MCP servers (not connected yet), made the one whose tools
-    agents may name; None (and no MCP tools) when none is configured."""
+    """A hub for the configured MCP servers (not connected, not in use yet: ``use_mcp_hub``);
+    None when none is configured."""
     specs = mcp_specs(settings)
-    hub = McpHub(specs, taken=lambda: set(BUILTIN_TOOLS) | set(plugin_tools())) if specs else None
+    if not specs:
+        return None
+    return McpHub(specs, taken=lambda: set(BUILTIN_TOOLS) | set(plugin_tools()))
+
+
+def use_mcp_hub(hub: McpHub | None) -> None:
+    """Make this hub's servers (or none) the MCP servers whose tools agents of this process
+    may name."""
     install_mcp(hub)
-    return hub
