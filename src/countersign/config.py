@@ -401,16 +401,7 @@ class Settings(BaseSettings):
     @field_validator("mcp_servers", mode="before")
     @classmethod
     def _parse_mcp_servers(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if not value.strip():
-                return {}
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "decode error"
-                raise ValueError(f"is not valid JSON ({reason})") from None
-        if not isinstance(value, dict):
-            raise ValueError("is not a JSON object that maps server names to their settings")
+        value = _json_object(value, what="server names")
         for name in value:
             if not isinstance(name, str) or MCP_SERVER_NAME.fullmatch(name) is None:
                 raise ValueError(
@@ -421,17 +412,7 @@ class Settings(BaseSettings):
     @field_validator("oauth_providers", mode="before")
     @classmethod
     def _parse_oauth_providers(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if not value.strip():
-                return {}
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "decode error"
-                raise ValueError(f"is not valid JSON ({reason})") from None
-        if not isinstance(value, dict):
-            raise ValueError("is not a JSON object that maps provider names to their settings")
-        return value
+        return _json_object(value, what="provider names")
 
     @field_validator("oauth_providers")
     @classmethod
@@ -485,6 +466,22 @@ class Settings(BaseSettings):
         if self.open_registration is not None:
             return self.open_registration
         return self.profile is Profile.DEV
+
+
+def _json_object(value: Any, *, what: str) -> dict[Any, Any]:
+    """A setting given as a JSON object (a string from the environment, or already a dict);
+    an empty string is an empty object. ValueError in words otherwise."""
+    if isinstance(value, str):
+        if not value.strip():
+            return {}
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "decode error"
+            raise ValueError(f"is not valid JSON ({reason})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"is not a JSON object that maps {what} to their settings")
+    return value
 
 
 def _is_http_url(value: str) -> bool:

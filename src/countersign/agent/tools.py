@@ -495,37 +495,29 @@ class _BuiltinToolset(FunctionToolset[TurnDeps]):
         ctx: RunContext[TurnDeps],
         tool: ToolsetTool[TurnDeps],
     ) -> str:
+        """The tool's output, expected failures included. A built-in's unexpected error
+        propagates (a bug); whatever a plugin's or MCP tool's code raises (sys.exit included)
+        is its output, so that neither the run nor the server goes down with it. A cancel
+        still cancels."""
         if name in self._denied:
             return f"The tool {name} is not allowed by this agent's policy."
-        if name not in BUILTIN_TOOLS:
-            return await self._plugin_output(name, tool_args, ctx, tool)
-        try:
-            result = await super().call_tool(name, tool_args, ctx, tool)
-        except _ToolProblem as problem:
-            return str(problem)
-        except OSError as exc:
-            # The file system said no (permissions, disk full, name too long...); strerror
-            # rather than str(exc), which would show the server's absolute paths.
-            return f"{name} failed: {exc.strerror or type(exc).__name__}"
-        return _cap(str(result), ctx.deps.limits.output_max_chars)
-
-    async def _plugin_output(
-        self,
-        name: str,
-        tool_args: dict[str, Any],
-        ctx: RunContext[TurnDeps],
-        tool: ToolsetTool[TurnDeps],
-    ) -> str:
-        """A plugin tool's output; whatever it raises (sys.exit included) is its output too,
-        so that neither the run nor the server goes down with it. A cancel still cancels."""
+        limit = ctx.deps.limits.output_max_chars
         try:
             result = await super().call_tool(name, tool_args, ctx, tool)
         except (asyncio.CancelledError, ApprovalRequired):
             raise
-        except BaseException as exc:  # noqa: BLE001 - a plugin's code, whatever it raises
-            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            return _cap(f"the tool {name} failed: {detail}", ctx.deps.limits.output_max_chars)
-        return _cap(str(result), ctx.deps.limits.output_max_chars)
+        except _ToolProblem as problem:
+            return str(problem)
+        except BaseException as exc:  # sorted below by whose code raised it
+            if name not in BUILTIN_TOOLS:
+                detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                return _cap(f"the tool {name} failed: {detail}", limit)
+            if isinstance(exc, OSError):
+                # The file system said no (permissions, disk full, name too long...);
+                # strerror rather than str(exc), which would show the server's paths.
+                return f"{name} failed: {exc.strerror or type(exc).__name__}"
+            raise
+        return _cap(str(result), limit)
 
 
 def _stopped(name: str, exc: BaseException) -> str:
