@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from pythonjsonlogger.core import RESERVED_ATTRS
 
 from countersign.agent.models import check_model
+from countersign.agent.sandbox import Sandbox, SandboxUnavailable, find_sandbox
 from countersign.agent.tools import ToolLimits
 from countersign.api.errors import install_error_handlers
 from countersign.api.limits import BodyLimitMiddleware
@@ -68,6 +69,7 @@ logger = logging.getLogger("countersign")
 def create_app(settings: Settings) -> FastAPI:
     """The Countersign ASGI application for these settings; ConfigError if they cannot work."""
     check_settings(settings)
+    sandbox = shell_sandbox(settings)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -91,7 +93,10 @@ def create_app(settings: Settings) -> FastAPI:
             await ensure_default_agent(services)
             supervisor = Supervisor()
             executor = Executor(
-                services, executor_options(settings), name=executor_name(), supervisor=supervisor
+                services,
+                executor_options(settings, sandbox),
+                name=executor_name(),
+                supervisor=supervisor,
             )
             # Requests hand the runs they start to this process's executor.
             services = replace(services, executor=executor)
@@ -220,7 +225,25 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError(f"COUNTERSIGN_DEFAULT_MODEL cannot be used: {reason}") from None
 
 
-def executor_options(settings: Settings) -> ExecutorOptions:
+def shell_sandbox(settings: Settings) -> Sandbox | None:
+    """The ``shell`` tool's sandbox (``COUNTERSIGN_SANDBOX``), checked by starting one."""
+    required = settings.sandbox == "bwrap"
+    if settings.sandbox == "none" or (not required and settings.profile is not Profile.PROD):
+        return None
+    try:
+        sandbox = find_sandbox(
+            required=required,
+            memory_mb=settings.sandbox_memory_mb,
+            cpu_seconds=settings.sandbox_cpu_seconds,
+        )
+    except SandboxUnavailable as exc:
+        raise ConfigError(f"COUNTERSIGN_SANDBOX=bwrap cannot be used: {exc}") from None
+    if sandbox is None:
+        logger.warning("shell commands run without a sandbox: bwrap is missing or cannot work")
+    return sandbox
+
+
+def executor_options(settings: Settings, sandbox: Sandbox | None) -> ExecutorOptions:
     """How this server's executor carries out runs, from the settings."""
     return ExecutorOptions(
         concurrency=settings.executor_concurrency,
@@ -234,6 +257,7 @@ def executor_options(settings: Settings) -> ExecutorOptions:
             shell_timeout=settings.shell_timeout_seconds,
             output_max_chars=settings.tool_output_max_chars,
             shell_interpreter=settings.shell_interpreter,
+            sandbox=sandbox,
         ),
     )
 

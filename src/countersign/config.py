@@ -314,6 +314,13 @@ class Settings(BaseSettings):
     shell_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     shell_interpreter: bool = False
     """Run ``shell`` commands through ``/bin/sh -c`` (pipes, globs) instead of plain argv."""
+    sandbox: Literal["auto", "bwrap", "none"] = "auto"
+    """``bwrap``: run ``shell`` commands under bubblewrap (refused at start-up when it cannot);
+    ``none``: directly; ``auto``: under bubblewrap in ``prod`` when it works, else directly."""
+    sandbox_memory_mb: int = Field(default=1024, ge=16, le=1_048_576)
+    """Under the sandbox: the address space each process of a command may use."""
+    sandbox_cpu_seconds: int = Field(default=60, ge=1, le=86_400)
+    """Under the sandbox: the CPU time each process of a command may use."""
     tool_output_max_chars: int = Field(default=16_000, ge=100, le=10_000_000)
 
     executor_concurrency: int = Field(default=256, ge=1, le=10_000)

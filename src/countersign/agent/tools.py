@@ -36,6 +36,7 @@ from pydantic_core import to_jsonable_python
 from countersign.agent.mcp import McpHub, McpServer, object_arguments, schema_error_details
 from countersign.agent.plugins import PluginTool
 from countersign.agent.rules import ArgumentKind, PolicyDecision, check_rules, decide
+from countersign.agent.sandbox import Sandbox, startup_failure
 from countersign.domain.errors import InvalidInput
 from countersign.domain.models import ToolPolicy, ToolSetting
 
@@ -70,6 +71,8 @@ class ToolLimits:
     """Cap on any tool's output; a cut output says so."""
     shell_interpreter: bool = False
     """True: run commands through ``/bin/sh -c``; False: ``shlex.split`` and exec, no shell."""
+    sandbox: Sandbox | None = None
+    """Run shell commands under bubblewrap (``COUNTERSIGN_SANDBOX``); None: directly."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,11 +226,12 @@ async def shell(ctx: RunContext[TurnDeps], command: str) -> str:
         raise _ToolProblem("the command contains a NUL byte")
     # Enough bytes for output_max_chars characters of UTF-8, plus one to know it was cut.
     keep_bytes = 4 * (limits.output_max_chars + 1)
+    sandbox = limits.sandbox
     loop = asyncio.get_running_loop()
     try:
         transport, output = await loop.subprocess_exec(
             lambda: _CommandOutput(keep_bytes),
-            *argv,
+            *(argv if sandbox is None else sandbox.wrap(argv, root, _SHELL_PATH)),
             cwd=root,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -235,6 +239,7 @@ async def shell(ctx: RunContext[TurnDeps], command: str) -> str:
             env={"PATH": _SHELL_PATH, "HOME": str(root), "LANG": "C.UTF-8"},
             # Its own process group, so a timeout can stop every process it started.
             start_new_session=True,
+            preexec_fn=None if sandbox is None else sandbox.limit,
         )
     except FileNotFoundError:
         raise _ToolProblem(f"command not found: {argv[0]}") from None
@@ -265,6 +270,10 @@ async def shell(ctx: RunContext[TurnDeps], command: str) -> str:
     if timed_out:
         return f"timed out after {limits.shell_timeout:g} s; output so far:\n{text}"
     code = transport.get_returncode()
+    if code == 1 and sandbox is not None:
+        failure = startup_failure(text)
+        if failure is not None:
+            raise _ToolProblem(failure)
     if code:
         return f"exit code {code}\n{text}"
     return text
