@@ -121,7 +121,13 @@ async def empty_database(
 
 def make_settings(url: str, **overrides: Any) -> Settings:
     """Settings for tests: nothing read from a .env file."""
-    values: dict[str, Any] = {"database_url": url, "profile": "dev", "log_level": "WARNING"}
+    # No grace at shutdown: a test's app stops at once, as its tests of recovery expect.
+    values: dict[str, Any] = {
+        "database_url": url,
+        "profile": "dev",
+        "log_level": "WARNING",
+        "shutdown_grace_seconds": 0,
+    }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 

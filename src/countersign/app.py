@@ -61,13 +61,17 @@ from countersign.services.feed import FEED_LOOP, FeedHub
 from countersign.services.follow import FOLLOW_LOOP, follow_loop
 from countersign.services.retention import prune_older_than
 from countersign.services.tools import load_tool_plugins, open_mcp_hub, use_mcp_hub
-from countersign.supervisor import Loop, Supervisor
+from countersign.supervisor import Loop, Shutdown, Supervisor
 
 logger = logging.getLogger("countersign")
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The Countersign ASGI application for these settings; ConfigError if they cannot work."""
+def create_app(settings: Settings, *, shutdown: Shutdown | None = None) -> FastAPI:
+    """The Countersign ASGI application for these settings; ConfigError if they cannot work.
+
+    ``shutdown``: set by the server's signal handler (``countersign serve``); with it, a stop
+    signal stops claiming runs at once, before the connections have closed.
+    """
     check_settings(settings)
     sandbox = shell_sandbox(settings)
     metrics = Metrics()
@@ -97,6 +101,7 @@ def create_app(settings: Settings) -> FastAPI:
                 executor_options(settings, sandbox),
                 name=executor_name(),
                 supervisor=supervisor,
+                shutdown=shutdown,
             )
             # Requests hand the runs they start to this process's executor.
             services = replace(services, executor=executor)
@@ -127,9 +132,9 @@ def create_app(settings: Settings) -> FastAPI:
                 logger.info("countersign ready", extra={"profile": settings.profile.value})
                 yield
             finally:
-                # The executor first (no new claims, then its turns, then its writer), then
-                # the other loops, then the connections.
-                await executor.stop()
+                # The executor first (no new claims, then its turns within the grace, then
+                # its writer), then the other loops, then the connections.
+                await executor.stop(grace=settings.shutdown_grace_seconds)
                 await supervisor.stop()
                 if mcp is not None:
                     await mcp.stop()

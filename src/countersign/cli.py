@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -131,10 +133,12 @@ def serve(
     import uvicorn
 
     from countersign.app import configure_logging, create_app
+    from countersign.supervisor import Shutdown
 
     configure_logging(settings)
+    shutdown = Shutdown()
     try:
-        application = create_app(settings)
+        application = create_app(settings, shutdown=shutdown)
     except ConfigError as exc:
         raise _fail(exc.message, hint=exc.hint, code=2) from None
     # Pass the gate here, before uvicorn, so a refusal is one sentence and exit code 1.
@@ -144,14 +148,30 @@ def serve(
         f"({settings.profile.value}, {safe_url(settings)})",
         err=True,
     )
-    uvicorn.run(
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            shutdown.signal()  # at once: the executor claims nothing more
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
         application,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
         proxy_headers=False,
+        # Streams end at the signal (sse-starlette); other requests get this long.
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),
     )
+    # uvicorn raises the signal it handled again once it has stopped; a stop that went as
+    # planned then exits with status 0.
+    signal.signal(signal.SIGTERM, _stopped_cleanly)
+    Server(config).run()
+
+
+def _stopped_cleanly(_sig: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 _RELATIVE_REVISION = re.compile(r"^[+-]\d+$")

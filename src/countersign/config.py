@@ -326,6 +326,9 @@ class Settings(BaseSettings):
     executor_concurrency: int = Field(default=256, ge=1, le=10_000)
     """Runs one server process carries out at the same time (a run waiting on its model
     holds one; their leases are renewed together, one statement per round)."""
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
+    """On SIGTERM: how long runs in progress may go on (a running tool finishes, a reply
+    ends) before they are handed back to be taken over elsewhere or at the next start."""
     run_lease_seconds: float = Field(default=10.0, ge=1, le=600)
     """How long a run stays claimed without a heartbeat before another process may take it."""
     run_max_attempts: int = Field(default=5, ge=1, le=100)

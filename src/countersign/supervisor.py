@@ -25,6 +25,29 @@ HEALTHY_RUN_SECONDS = 30.0
 """A loop that ran this long before failing starts again at the first back-off."""
 
 
+class Shutdown:
+    """What the process's stop signals asked for, set by ``countersign serve``'s signal handler.
+
+    The first SIGTERM (or SIGINT) asks for a graceful stop: claim nothing more, let the runs in
+    progress finish within the grace. A second one makes it urgent: hand every run back now.
+    Plain flags, set in the signal handler and read by the executor.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.urgent = False
+        self.requested_at: float | None = None
+        """When the first signal came (``time.monotonic()``): the grace counts from then."""
+
+    def signal(self) -> None:
+        """A stop signal arrived: the first asks for a graceful stop, the next for an urgent one."""
+        if self.requested:
+            self.urgent = True
+        else:
+            self.requested_at = time.monotonic()
+        self.requested = True
+
+
 @dataclass(slots=True)
 class Loop:
     """One supervised loop and what the supervisor knows of it."""

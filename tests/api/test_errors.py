@@ -235,21 +235,30 @@ async def test_invalid_json_says_so_in_words(
 
 
 @pytest.mark.parametrize(
-    "content",
-    [b"\xff\xfe\x00", b"[" * 100_000 + b"]" * 100_000, b'{"title": ' + b"1" * 5_000 + b"}"],
+    ("content", "reason"),
+    [
+        (b"\xff\xfe\x00", "not UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"title": ' + b"1" * 5_000 + b"}", "a value too large to read"),
+    ],
     ids=["not utf-8", "deeply nested", "huge number"],
 )
-async def test_bodies_the_json_parser_cannot_read_are_400(
-    client: httpx.AsyncClient, make_account: MakeAccount, content: bytes
+async def test_bodies_the_json_parser_cannot_read_are_422_like_bad_json(
+    client: httpx.AsyncClient, make_account: MakeAccount, content: bytes, reason: str
 ) -> None:
-    """Bodies the JSON parser gives up on (encoding, nesting, size of a number) are 400, not 500."""
+    """Bodies the JSON parser gives up on (encoding, nesting, size of a number) get the same
+    422 envelope as any body that is not JSON, and nothing is written."""
     account = await make_account()
     response = await client.post(
         "/api/v1/sessions",
         content=content,
         headers={**account.headers, "Content-Type": "application/json"},
     )
-    assert_error(response, 400, "bad_request")
+    error = assert_error(response, 422, "invalid_input")
+    assert error["message"] == f"body: is not valid JSON ({reason})"
+    assert error["detail"] == [
+        {"field": "body", "message": f"is not valid JSON ({reason})", "type": "json_invalid"}
+    ]
     listed = await client.get("/api/v1/sessions", headers=account.headers)
     assert listed.json()["items"] == []
 
@@ -340,6 +349,14 @@ async def test_wrong_methods_are_405_in_the_envelope(
         response = await client.request(method, path, headers=account.headers)
         assert_error(response, 405, "method_not_allowed")
         assert method not in response.headers["allow"]
+    # Allow names every method of the path, not only those of the first route matched.
+    for path, methods in (
+        ("/api/v1/sessions", "GET, POST"),
+        (session_url, "DELETE, GET, PATCH"),
+    ):
+        response = await client.request("PUT", path, headers=account.headers)
+        assert_error(response, 405, "method_not_allowed")
+        assert response.headers["allow"] == methods
 
 
 async def test_a_body_over_the_limit_with_content_length_is_413(

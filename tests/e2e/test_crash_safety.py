@@ -34,7 +34,7 @@ from countersign.db.engine import create_engine, create_session_factory
 from countersign.db.tables import EventRow, MessageRow, RunRow
 from countersign.db.uow import unit_of_work_factory
 from countersign.domain.events import EventType, RunEvent, assistant_text
-from countersign.domain.models import RunId, SystemClock
+from countersign.domain.models import OUTCOME_UNKNOWN, RunId, SystemClock
 from countersign.services import ServiceDeps
 from countersign.services.accounts import create_api_key, create_user
 from tests.api.test_runs import Sse, parse_sse
@@ -140,15 +140,6 @@ class Database:
                 )
             )
             return list(rows)
-
-
-@pytest.fixture
-async def db(database: TestDatabase) -> AsyncIterator[Database]:
-    reader = Database(database.url)
-    try:
-        yield reader
-    finally:
-        await reader.engine.dispose()
 
 
 async def new_api_key(database_url: str) -> str:
@@ -562,15 +553,42 @@ async def test_invariant_6_a_killed_server_leaves_no_half_message_and_the_run_is
         no_traceback(b)
 
 
-async def test_invariant_6_a_tool_killed_midway_is_not_run_again(
+async def asked_again(db: Database, run_id: str, *, after_attempt: int) -> RunState:
+    """Wait for a later attempt to leave the run at a new approval (outcome unknown)."""
+
+    async def waiting() -> RunState | None:
+        state = await db.run(run_id)
+        if state.status not in ACTIVE:
+            pytest.fail(f"the run ended instead of asking again: {state}")
+        waits = state.status == "awaiting_approval" and state.attempt > after_attempt
+        return state if waits else None
+
+    state, took = await eventually(waiting, within=RECOVERY, what="the run to ask again")
+    assert took < RECOVERY
+    return state
+
+
+async def the_one_pending(http: httpx.AsyncClient, session_id: str) -> dict[str, Any]:
+    response = await http.get(f"/sessions/{session_id}/pending-approvals")
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    assert len(items) == 1, items
+    return items[0]
+
+
+async def test_invariant_6_a_tool_killed_midway_asks_again_and_runs_only_when_approved(
     database: TestDatabase, db: Database, servers: ServerProcesses, tmp_path: Path
 ) -> None:
-    """SIGKILL while an approved shell command runs: B fails the run as outcome unknown."""
+    """SIGKILL while an approved shell command runs: B does not run it again by itself; it
+    asks the person again (outcome unknown, the journaled arguments), and runs it on approve."""
     workspaces = tmp_path / "workspaces"
     # A short lease only makes PostgreSQL's takeover quicker; the outcome is the same.
     env = server_env(database.url, workspace_root=str(workspaces), run_lease_seconds="3")
     key = await new_api_key(database.url)
-    command = "sh -c 'echo $$ > pid.txt; echo run >> count.txt; sleep 60'"
+    # The second run (after the person approves again) finds ``again`` and does not wait.
+    command = (
+        "sh -c 'echo run >> count.txt; if [ ! -e again ]; then echo $$ > pid.txt; sleep 60; fi'"
+    )
     with servers:
         a = await start(servers, "a", env, new_session=True)
         async with api(a, key) as http:
@@ -578,7 +596,8 @@ async def test_invariant_6_a_tool_killed_midway_is_not_run_again(
             run_id = await send(http, session_id, shell_message(command))
             asked = await replay(http, session_id, run_id)
             assert asked[-1].event == "approval.required", asked
-            await decide(http, session_id, asked[-1].data["approval_id"])
+            first = asked[-1].data["approval_id"]
+            await decide(http, session_id, first)
         workspace = workspaces / session_id
         try:
             await file_lines(workspace / "pid.txt", 1)
@@ -592,33 +611,42 @@ async def test_invariant_6_a_tool_killed_midway_is_not_run_again(
             kill_process_group(workspace / "pid.txt")
 
         b = await start(servers, "b", env)
-        state, took = await run_ended(db, run_id, within=RECOVERY)
-        assert took < RECOVERY
-        assert state.status == "failed", state
-        assert state.error is not None
-        assert "shell" in state.error
-        assert "outcome is unknown" in state.error
-        assert "not run again" in state.error
-        await asyncio.sleep(2.0)  # two executor polls (1 s each): nothing runs it after all
+        waiting = await asked_again(db, run_id, after_attempt=running.attempt)
+        await asyncio.sleep(2.0)  # two executor polls (1 s each): nothing runs it by itself
         assert lines_of(workspace / "count.txt") == ["run"]
-        events = await db.events(run_id)
-        assert [e.type for e in events].count(EventType.TOOL_CALL) == 1
-        assert EventType.TOOL_RESULT not in [e.type for e in events]
-        assert events[-1].type is EventType.RUN_FAILED
-        assert events[-1].data["reason"] == state.error
+        assert (await db.run(run_id)).status == "awaiting_approval"
         async with api(b, key) as http:
-            response = await http.get(f"/sessions/{session_id}/pending-approvals")
-            assert response.json()["items"] == []
-            run = (await http.get(f"/sessions/{session_id}/runs/{run_id}")).json()
-            assert (run["status"], run["error"]) == ("failed", state.error)
+            again = await the_one_pending(http, session_id)
+            assert again["id"] != first
+            assert again["tool"] == "shell"
+            assert again["arguments"] == {"command": command}
+            assert again["asked_because"] == OUTCOME_UNKNOWN
+            stream = await replay(http, session_id, run_id)
+            assert stream[-1].event == "approval.required", stream
+            assert stream[-1].data["approval_id"] == again["id"]
+
+            (workspace / "again").touch()
+            await decide(http, session_id, again["id"])
+            state, _took = await run_ended(db, run_id, within=WAIT)
+            assert state.status == "succeeded", state
+            assert state.attempt > waiting.attempt
+        assert lines_of(workspace / "count.txt") == ["run", "run"]
+        events = await db.events(run_id)
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        types = [e.type for e in events]
+        assert types.count(EventType.TOOL_CALL) == 2
+        assert types.count(EventType.APPROVAL_REQUIRED) == 2
+        results = [e for e in events if e.type is EventType.TOOL_RESULT]
+        assert len(results) == 1  # only the run that finished has a result
+        assert events[-1].type is EventType.RUN_FINISHED
         no_traceback(b)
 
 
-async def test_invariant_6_an_mcp_call_cut_off_by_a_kill_is_not_made_again(
+async def test_invariant_6_an_mcp_call_cut_off_by_a_kill_asks_again_and_reject_tells_the_model(
     database: TestDatabase, db: Database, servers: ServerProcesses, tmp_path: Path
 ) -> None:
-    """SIGKILL while an MCP tool runs (on an MCP server of its own, which goes on): B fails
-    the run as outcome unknown and never calls the tool again."""
+    """SIGKILL while an MCP tool runs (on an MCP server of its own, which goes on): B asks the
+    person again; rejected, the tool is never called again and the model hears it did not run."""
     count = tmp_path / "mcp-count.txt"
     with McpHttpServer() as remote:
         env = server_env(
@@ -645,16 +673,22 @@ async def test_invariant_6_an_mcp_call_cut_off_by_a_kill_is_not_made_again(
             await asyncio.to_thread(a.kill, group=True)
 
             b = await start(servers, "b", env)
-            state, _took = await run_ended(db, run_id, within=RECOVERY)
-            assert state.status == "failed", state
-            assert state.error is not None
-            assert "web_record" in state.error
-            assert "outcome is unknown" in state.error
+            await asked_again(db, run_id, after_attempt=running.attempt)
+            async with api(b, key) as http:
+                again = await the_one_pending(http, session_id)
+                assert (again["tool"], again["arguments"]) == ("web_record", arguments)
+                assert again["asked_because"] == OUTCOME_UNKNOWN
+                await decide(http, session_id, again["id"], "reject")
+            state, _took = await run_ended(db, run_id, within=WAIT)
+            assert state.status == "succeeded", state
             await asyncio.sleep(2.0)  # two executor polls: nothing calls it after all
             assert lines_of(count) == ["ran"]
             events = await db.events(run_id)
             assert [e.type for e in events].count(EventType.TOOL_CALL) == 1
-            assert EventType.TOOL_RESULT not in [e.type for e in events]
+            assert events[-1].type is EventType.RUN_FINISHED
+            # The model was told the call did not run (the demo model repeats what it hears).
+            reply = assistant_text(events)
+            assert "reject" in reply.lower() or "denied" in reply.lower(), reply
             no_traceback(b)
 
 
@@ -705,11 +739,11 @@ async def test_a_paused_executor_that_lost_its_lease_writes_nothing(
 
             moved, _ = await eventually(taken_over, within=WAIT, what="the run to be taken over")
             assert moved.owner is None or f":{taker.pid}:" in moved.owner, moved
-            final, _ = await run_ended(db, run_id, within=WAIT)
+            final = await asked_again(db, run_id, after_attempt=held.attempt)
             assert final.attempt == held.attempt + 1
-            assert final.status == "failed", final
-            assert "outcome is unknown" in (final.error or "")
             after_takeover = await db.events(run_id)
+            assert after_takeover[-1].type is EventType.APPROVAL_REQUIRED
+            assert after_takeover[-1].data["asked_because"] == OUTCOME_UNKNOWN
 
             async def tool_done() -> bool | None:
                 return None if process_alive(tool) else True

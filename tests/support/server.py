@@ -54,6 +54,8 @@ def server_env(database_url: str, **settings: str) -> dict[str, str]:
         COUNTERSIGN_PROFILE="dev",
         COUNTERSIGN_LOG_LEVEL="INFO",
         PYTHONUNBUFFERED="1",
+        # Well inside STOP_TIMEOUT: a server stopped with runs still going ends in time.
+        COUNTERSIGN_SHUTDOWN_GRACE_SECONDS="3",
     )
     env.update({f"COUNTERSIGN_{name.upper()}": value for name, value in settings.items()})
     return env

@@ -27,6 +27,7 @@ from pydantic_ai.messages import (
     TextPartDelta,
     ToolCallPart,
     ToolReturnPart,
+    UserPromptPart,
 )
 from pydantic_ai.models import Model
 
@@ -37,7 +38,7 @@ from countersign.agent.tools import (
     TurnDeps,
     build_toolset,
 )
-from countersign.domain.models import POLICY_ASK, JSONObject, ToolSetting
+from countersign.domain.models import OUTCOME_UNKNOWN, POLICY_ASK, JSONObject, ToolSetting
 
 TurnAgent = Agent[TurnDeps, str | DeferredToolRequests]
 """A profile made ready to run turns; build it once and reuse it (it costs more than a turn)."""
@@ -106,26 +107,91 @@ class TurnOutcome:
     requests: tuple[ToolRequest, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class JournaledCall:
+    """A tool call an earlier attempt journaled after its last stored checkpoint."""
+
+    call_id: str
+    tool: str
+    arguments: JSONObject
+    output: str | None
+    """What it returned; None when it never finished, or was stopped (outcome unknown)."""
+
+
+def recovered_turn(
+    history: Sequence[Any] | None,
+    calls: Sequence[JournaledCall],
+    *,
+    prompt: str | None,
+    text: str,
+) -> TurnOutcome:
+    """Where an attempt that stopped inside its tool calls left the turn, rebuilt from the
+    journal: the model's response that made the calls (with the ``text`` it streamed before
+    them), the results of the calls that finished, and a new request to a person for each call
+    whose outcome is unknown (approving runs it again; nothing runs again by itself).
+
+    ``prompt`` is the user's message when the history does not have it yet (the calls came
+    from a new run's first response, before anything of the run was stored).
+    """
+    messages = _messages(history) or []
+    new: list[ModelMessage] = []
+    if prompt is not None:
+        new.append(ModelRequest(parts=[UserPromptPart(prompt)]))
+    # A run resumed after an approval journals calls its stored history already holds.
+    already_made = set(open_tool_calls(messages)) if prompt is None else set()
+    made = [call for call in calls if call.call_id not in already_made]
+    if made:
+        parts: list[TextPart | ToolCallPart] = [TextPart(text)] if text else []
+        parts += [ToolCallPart(call.tool, call.arguments, call.call_id) for call in made]
+        new.append(ModelResponse(parts=parts))
+    returns = [
+        ToolReturnPart(call.tool, call.output, call.call_id)
+        for call in calls
+        if call.output is not None
+    ]
+    if returns:
+        new.append(ModelRequest(parts=returns))
+    return TurnOutcome(
+        new_start=len(messages),
+        new_messages=_json(new),
+        messages=[*messages, *new],
+        reply=None,
+        requests=tuple(
+            ToolRequest(call.call_id, call.tool, call.arguments, OUTCOME_UNKNOWN)
+            for call in calls
+            if call.output is None
+        ),
+    )
+
+
 def open_tool_calls(history: Sequence[Any] | None) -> list[str]:
-    """The ids of tool calls the history asks for but has no result for (deferred calls)."""
+    """The ids of tool calls the history asks for but has no result for (deferred calls).
+
+    They are the last response's calls without a result, when only tool results follow it
+    (a pause can store the results of the response's other calls after it).
+    """
     if not history:
         return []
     messages = _messages(history) or []
-    answered = {
-        part.tool_call_id
-        for message in messages
-        if isinstance(message, ModelRequest)
-        for part in message.parts
-        if isinstance(part, ToolReturnPart | RetryPromptPart)
-    }
-    last = messages[-1]
-    if not isinstance(last, ModelResponse):
+    last = next(
+        (
+            index
+            for index in range(len(messages) - 1, -1, -1)
+            if isinstance(messages[index], ModelResponse)
+        ),
+        None,
+    )
+    if last is None:
         return []
-    return [
-        part.tool_call_id
-        for part in last.parts
-        if isinstance(part, ToolCallPart) and part.tool_call_id not in answered
-    ]
+    answered: set[str] = set()
+    for message in messages[last + 1 :]:
+        for part in message.parts:
+            if not isinstance(part, ToolReturnPart | RetryPromptPart):
+                return []  # a new prompt follows: the calls were closed out
+            answered.add(part.tool_call_id)
+    response = messages[last]
+    assert isinstance(response, ModelResponse)
+    return [call.tool_call_id for call in response.tool_calls if call.tool_call_id not in answered]
 
 
 async def run_turn(request: TurnRequest, sink: TurnSink) -> TurnOutcome:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import URL, Connection, ExceptionContext, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 from countersign.config import Settings
+from countersign.db.errors import sqlite_code_of
 
 IMMEDIATE = "countersign_immediate"
 """Execution option: start this connection's transaction with BEGIN IMMEDIATE (SQLite)."""
@@ -57,6 +59,10 @@ def parsed_url(settings: Settings) -> URL:
     return make_url(settings.database_url)
 
 
+STALE_SQLITE_CODES = ("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN")
+"""SQLite errors after which a connection is not used again (it may have opened read-only)."""
+
+
 def _sqlite_engine(url: URL, settings: Settings) -> AsyncEngine:
     engine = create_async_engine(
         url,
@@ -83,6 +89,17 @@ def _sqlite_engine(url: URL, settings: Settings) -> AsyncEngine:
             cursor.execute("PRAGMA synchronous=NORMAL")
         finally:
             cursor.close()
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        # A connection opened while the file could not be written (read-only, a disk error)
+        # stays read-only for good: treated as lost, the pool opens new ones, so the server
+        # writes again as soon as the file can be written, without a restart.
+        error = context.sqlalchemy_exception
+        if isinstance(error, DBAPIError) and (sqlite_code_of(error) or "").startswith(
+            STALE_SQLITE_CODES
+        ):
+            context.is_disconnect = True
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:

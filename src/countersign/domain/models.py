@@ -367,6 +367,11 @@ class TurnContext:
 
 POLICY_ASK = "policy ask"
 """Why a call waits for a person when its tool's policy is ``ask``."""
+OUTCOME_UNKNOWN = (
+    "outcome unknown: the server stopped while this call was running, so it may or may not "
+    "have taken effect; approve to run it again, reject to tell the model it did not run"
+)
+"""Why a call waits for a person again: an attempt stopped inside it (SPEC invariant 6)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,9 @@ approval, or finish.
   round, not one per run); runs of a dead process become claimable when their
   lease runs out (PostgreSQL), or at once when the server starts (SQLite: one process).
 - Before a tool runs, its ``tool.call`` event is committed; after, its ``tool.result``. A
-  retried attempt that finds a tool call after the last history checkpoint does not run
-  anything again: the tool's outcome is unknown, and the run fails saying so (invariant 6).
+  retried attempt that finds tool calls after the last history checkpoint runs nothing again
+  by itself (invariant 6): it rebuilds the turn from the journal, stores the results of the
+  calls that finished, and asks a person again about each call whose outcome is unknown.
 - At an approval the run becomes ``awaiting_approval`` and no process holds it; a decision
   re-queues it and any process resumes it from the stored history.
 """
@@ -40,11 +41,13 @@ from countersign.agent.models import (
 )
 from countersign.agent.runner import (
     Answer,
+    JournaledCall,
     TurnAgent,
     TurnOutcome,
     TurnRequest,
     build_agent,
     open_tool_calls,
+    recovered_turn,
     run_turn,
 )
 from countersign.agent.tools import ToolLimits, tools_generation
@@ -78,7 +81,7 @@ from countersign.domain.models import (
 from countersign.services import ServiceDeps
 from countersign.services.approvals import expire_approvals
 from countersign.services.writer import WRITER_LOOP, EventWriter
-from countersign.supervisor import Loop, Supervisor
+from countersign.supervisor import Loop, Shutdown, Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +129,10 @@ class Executor:
         *,
         name: str,
         supervisor: Supervisor,
+        shutdown: Shutdown | None = None,
     ) -> None:
         self.deps = deps
+        self.shutdown = shutdown
         self.options = options
         self.name = name
         self.supervisor = supervisor
@@ -167,22 +172,42 @@ class Executor:
             stale_after=max(10.0, 5 * self.options.poll_seconds),
         )
 
-    async def stop(self) -> None:
-        """Stop claiming, cancel the turns in progress (their runs will be recovered), then
-        stop the writer (which the turns' last writes still need) and close the models."""
+    @property
+    def stopping(self) -> bool:
+        """No run is taken on any more: the server is stopping (or was asked to)."""
+        return self._stopping or (self.shutdown is not None and self.shutdown.requested)
+
+    async def stop(self, *, grace: float = 0.0) -> None:
+        """Stop claiming; give the turns in progress up to ``grace`` seconds to finish (their
+        leases still renewed: a running tool is not cut off), then cancel the rest, each
+        handing its run back (a tool cut off is recorded as stopped, and the retry asks a
+        person again); then stop the writer (which the turns' last writes still need) and
+        close the models. An urgent shutdown (a second signal) ends the grace at once."""
         self._stopping = True
         await self.supervisor.stop_loop(EXECUTOR_LOOP)
-        await self.supervisor.stop_loop(LEASE_LOOP)
-        tasks = list(self._tasks)
-        for task in tasks:
+        pending = set(self._tasks)
+        if pending and grace > 0:
+            logger.info("waiting up to %g s for %d run(s) to finish", grace, len(pending))
+            began = self.shutdown.requested_at if self.shutdown is not None else None
+            deadline = (began if began is not None else time.monotonic()) + grace
+            while pending and time.monotonic() < deadline and not self._urgent():
+                step = min(0.2, deadline - time.monotonic())
+                _done, pending = await asyncio.wait(pending, timeout=max(step, 0.0))
+        if pending:
+            logger.info("handing %d run(s) back", len(pending))
+        for task in pending:
             task.cancel()
-        if tasks:
-            _done, stuck = await asyncio.wait(tasks, timeout=STOP_SECONDS)
+        if pending:
+            _done, stuck = await asyncio.wait(pending, timeout=STOP_SECONDS)
             if stuck:
                 logger.warning("%d run(s) did not stop within %s s", len(stuck), STOP_SECONDS)
+        await self.supervisor.stop_loop(LEASE_LOOP)
         self.writer.stop()
         await self.supervisor.stop_loop(WRITER_LOOP)
         await self._models.close_all()
+
+    def _urgent(self) -> bool:
+        return self.shutdown is not None and self.shutdown.urgent
 
     async def turn_agent(self, profile: Agent) -> tuple[TurnAgent, str]:
         """The runnable agent for a profile (built once per process and profile version) and
@@ -207,7 +232,7 @@ class Executor:
 
     def reserve(self, *, now: datetime) -> Lease | None:
         """A lease for a run a request is starting, if a slot is free."""
-        if self._stopping or self._free_slots() <= 0:
+        if self.stopping or self._free_slots() <= 0:
             return None
         self._reserved += 1
         return Lease(owner=self.name, attempt=1)
@@ -321,7 +346,7 @@ class Executor:
                 if time.monotonic() >= next_expiry:
                     next_expiry = time.monotonic() + self.options.poll_seconds
                     await expire_approvals(self.deps)
-                while (free := self._free_slots()) > 0:
+                while not self.stopping and (free := self._free_slots()) > 0:
                     # Held while the claim runs, so that requests do not reserve them too.
                     self._reserved += free
                     try:
@@ -408,6 +433,10 @@ class Executor:
             await turn.hand_back()
         except asyncio.CancelledError:
             if not turn.lease_lost:
+                if self._stopping:
+                    # Stopped by a shutdown: another process (or the next start) takes the
+                    # run over at once, without waiting for its lease to run out.
+                    await turn.hand_back()
                 raise
             # The lease keeper found the lease gone and stopped the turn: say so, as above.
             logger.info("run %s was taken over or ended elsewhere; letting go", claimed.run.id)
@@ -555,9 +584,10 @@ class _Turn:
     ) -> None:
         """Commit the tool's result: at once if it stopped or other tools still run, else with
         the checkpoint that follows the tools (before the model is asked again)."""
-        event = NewEvent(
-            EventType.TOOL_RESULT, {"tool": tool, "output": output, "call_id": call_id}
-        )
+        data: JSONObject = {"tool": tool, "output": output, "call_id": call_id}
+        if stopped:
+            data["stopped"] = True  # its outcome is unknown: a retry asks again
+        event = NewEvent(EventType.TOOL_RESULT, data)
         self.tools_running -= 1
         if stopped or self.tools_running:
             await self.flush(event)
@@ -623,9 +653,18 @@ class _Turn:
         if self.start.interrupted:
             await self._fail(self.start.interrupted)
             return
+        continue_from: list[Any] | None = None
+        if self.start.recovered:
+            recovered = await self._recover()
+            if recovered.requests:
+                await self._pause(recovered)  # a call whose outcome is unknown asks again
+                return
+            continue_from = recovered.messages
         model_name: str | None = None
         try:
-            request, model_name = await self._request(self.start.context, self.start.approvals)
+            request, model_name = await self._request(
+                self.start.context, self.start.approvals, continue_from
+            )
             outcome = await run_turn(request, self)
         except (LeaseLost, Unavailable, asyncio.CancelledError):
             # The database, not the model: the run is tried again (up to its maximum).
@@ -648,18 +687,44 @@ class _Turn:
         else:
             await self._finish(outcome)
 
+    async def _history(self) -> Sequence[Any]:
+        history = self.start.history
+        if history is None:
+            history = await self.executor.history_of(
+                self.claimed.run.session_id,
+                length=self.history_base,
+                tail=self.start.context.history_tail,
+            )
+        return history
+
+    async def _recover(self) -> TurnOutcome:
+        """Where the earlier attempt stopped inside its tool calls, rebuilt from the journal.
+
+        With a call whose outcome is unknown, the turn pauses there and asks a person again.
+        When every call finished, their results are stored and the turn goes on from them.
+        """
+        outcome = recovered_turn(
+            await self._history(),
+            self.start.recovered,
+            prompt=self.start.context.prompt if self.claimed.history_seq is None else None,
+            text=self.start.earlier_text,
+        )
+        if not outcome.requests:
+            await self._write([], checkpoint=_Messages(outcome.new_start, outcome.new_messages))
+        return outcome
+
     async def _request(
-        self, context: TurnContext, approvals: tuple[Approval, ...]
+        self,
+        context: TurnContext,
+        approvals: tuple[Approval, ...],
+        continue_from: list[Any] | None = None,
     ) -> tuple[TurnRequest, str]:
         options = self.executor.options
         answers: dict[str, Answer] = {}
         prompt: str | None = None
-        history = self.start.history
-        if history is None:
-            history = await self.executor.history_of(
-                self.claimed.run.session_id, length=self.history_base, tail=context.history_tail
-            )
-        if self.claimed.history_seq is None:
+        # After a recovery, the model goes on from the results of the calls it made.
+        history = continue_from if continue_from is not None else await self._history()
+        if continue_from is None and self.claimed.history_seq is None:
             prompt = context.prompt
         else:
             open_calls = set(open_tool_calls(history))
@@ -992,7 +1057,9 @@ class _Start:
 
     context: TurnContext
     interrupted: str | None = None
-    """Why the run must not be retried, if an earlier attempt left a tool call unsaved."""
+    """Why the run must not be tried again (it was tried too often)."""
+    recovered: tuple[JournaledCall, ...] = ()
+    """The tool calls an earlier attempt journaled after its last stored checkpoint."""
     approvals: tuple[Approval, ...] = ()
     """The run's decided approvals (a run resumed after a decision)."""
     earlier_text: str = ""
@@ -1036,34 +1103,38 @@ async def _read_start(
     )
     return _Start(
         context,
-        interrupted=await _interrupted_tool_calls(uow, claimed),
+        recovered=await _journaled_calls(uow, claimed),
         approvals=tuple(approvals),
         earlier_text=earlier_text,
         history=history,
     )
 
 
-async def _interrupted_tool_calls(uow: UnitOfWork, claimed: ClaimedRun) -> str | None:
-    """Why the run must not be retried, if an earlier attempt left a tool call unsaved."""
+async def _journaled_calls(uow: UnitOfWork, claimed: ClaimedRun) -> tuple[JournaledCall, ...]:
+    """The tool calls an earlier attempt journaled after its last stored checkpoint."""
     if claimed.last_seq <= claimed.checkpoint_seq:
-        return None
+        return ()
     events = await uow.runs.tool_calls_after(claimed.run.id, after_seq=claimed.checkpoint_seq)
-    finished = {
-        event.data.get("call_id") for event in events if event.type is EventType.TOOL_RESULT
+    results = {
+        event.data.get("call_id"): event.data
+        for event in events
+        if event.type is EventType.TOOL_RESULT
     }
+    calls: dict[str, JournaledCall] = {}
     for event in events:
-        if event.type is EventType.TOOL_CALL:
-            tool = event.data.get("tool")
-            if event.data.get("call_id") in finished:
-                return (
-                    f"the server stopped after the tool {tool} ran but before the run saved "
-                    "its progress; it was not run again"
-                )
-            return (
-                f"the server stopped while the tool {tool} was running; its outcome is "
-                "unknown and it was not run again"
-            )
-    return None
+        if event.type is not EventType.TOOL_CALL:
+            continue
+        call_id = str(event.data.get("call_id"))
+        result = results.get(call_id)
+        finished = result is not None and not result.get("stopped")
+        arguments = event.data.get("arguments")
+        calls[call_id] = JournaledCall(
+            call_id=call_id,
+            tool=str(event.data.get("tool")),
+            arguments=arguments if isinstance(arguments, dict) else {},
+            output=str(result.get("output")) if finished and result is not None else None,
+        )
+    return tuple(calls.values())
 
 
 def _answer(approval: Approval) -> Answer:
