@@ -389,13 +389,7 @@ async def test_invariant_5_a_dropped_stream_does_not_stop_the_run(
     assert expected == f"You said: {content}"
     # The demo model answers in milliseconds; a model that streams for about two seconds
     # makes sure the connection drops while the run is still going.
-    send_event = fake_openai._Handler._event
-
-    def paced(handler: Any, payload: dict[str, Any]) -> None:
-        time.sleep(0.01)
-        send_event(handler, payload)
-
-    monkeypatch.setattr(fake_openai._Handler, "_event", paced)
+    fake_openai.pace(monkeypatch, 0.01)
     with FakeOpenAI() as model, servers:
         model.script(reply(*chunks))
         env = server_env(

@@ -77,13 +77,7 @@ async def test_sigterm_hands_runs_back_finishes_tools_and_loses_nothing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    send_event = fake_openai._Handler._event
-
-    def paced(handler: Any, payload: dict[str, Any]) -> None:
-        time.sleep(0.1)
-        send_event(handler, payload)
-
-    monkeypatch.setattr(fake_openai._Handler, "_event", paced)
+    fake_openai.pace(monkeypatch, 0.1)
     words = [f" w{index}" for index in range(WORDS)]
     expected = "".join(words)
     workspaces = tmp_path / "workspaces"

@@ -113,6 +113,18 @@ def error(
     )
 
 
+def pace(monkeypatch: Any, seconds: float) -> None:
+    """Make every fake server of this test wait ``seconds`` before each streamed event, so a
+    reply lasts long enough to be cut off (``monkeypatch``: pytest's fixture, undone after)."""
+    send_event = _Handler._event
+
+    def paced(handler: _Handler, payload: dict[str, Any]) -> None:
+        time.sleep(seconds)
+        send_event(handler, payload)
+
+    monkeypatch.setattr(_Handler, "_event", paced)
+
+
 def hang(*chunks: str) -> Hang:
     """An answer that never finishes (after streaming ``chunks``, if any)."""
     return Hang(chunks)
