@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.config
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -50,7 +51,12 @@ from countersign.api.web import mount_web_console
 from countersign.broker import LocalBroker, PostgresBroker
 from countersign.config import Profile, Settings
 from countersign.db.doctor import readiness, startup_gate
-from countersign.db.engine import create_engine, create_session_factory, pool_status
+from countersign.db.engine import (
+    create_engine,
+    create_session_factory,
+    parsed_url,
+    pool_status,
+)
 from countersign.db.uow import unit_of_work_factory
 from countersign.domain.errors import ConfigError, InvalidInput
 from countersign.domain.models import SystemClock
@@ -129,6 +135,9 @@ def create_app(settings: Settings, *, shutdown: Shutdown | None = None) -> FastA
                 app.state.supervisor = supervisor
                 app.state.readiness = partial(ready_reason, supervisor, partial(readiness, engine))
                 metrics.watch_pool(partial(pool_status, engine))
+                metrics.watch_executor(lambda: executor.executing)
+                if metrics.multiprocess:
+                    supervisor.start(METRICS_LOOP, metrics.keep_written)
                 logger.info("countersign ready", extra={"profile": settings.profile.value})
                 yield
             finally:
@@ -210,6 +219,7 @@ async def ready_reason(
 
 
 PRUNE_LOOP = "prune"
+METRICS_LOOP = "metrics"
 PRUNE_EVERY_SECONDS = 24 * 3600.0
 
 
@@ -231,21 +241,38 @@ def check_settings(settings: Settings) -> None:
 
 
 def shell_sandbox(settings: Settings) -> Sandbox | None:
-    """The ``shell`` tool's sandbox (``COUNTERSIGN_SANDBOX``), checked by starting one."""
-    required = settings.sandbox == "bwrap"
-    if settings.sandbox == "none" or (not required and settings.profile is not Profile.PROD):
+    """The ``shell`` tool's sandbox (``COUNTERSIGN_SANDBOX``), checked by starting one.
+
+    ``auto`` in ``prod`` insists on it like ``bwrap`` does: a production server never runs
+    commands without a sandbox unless told so (``none``)."""
+    if settings.sandbox == "none":
+        return None
+    if settings.sandbox == "auto" and settings.profile is not Profile.PROD:
         return None
     try:
-        sandbox = find_sandbox(
-            required=required,
+        return find_sandbox(
+            required=True,
             memory_mb=settings.sandbox_memory_mb,
             cpu_seconds=settings.sandbox_cpu_seconds,
+            hidden=server_folders(settings),
         )
     except SandboxUnavailable as exc:
-        raise ConfigError(f"COUNTERSIGN_SANDBOX=bwrap cannot be used: {exc}") from None
-    if sandbox is None:
-        logger.warning("shell commands run without a sandbox: bwrap is missing or cannot work")
-    return sandbox
+        if settings.sandbox == "bwrap":
+            raise ConfigError(f"COUNTERSIGN_SANDBOX=bwrap cannot be used: {exc}") from None
+        raise ConfigError(
+            f"the prod profile runs shell commands in a sandbox and there is none here: {exc}; "
+            "make bwrap work, or set COUNTERSIGN_SANDBOX=none to run them without one"
+        ) from None
+
+
+def server_folders(settings: Settings) -> list[str]:
+    """The folders of this server a sandboxed command must not see: the working directory
+    (with its ``.env``), the workspaces and a SQLite database's folder."""
+    folders = [os.getcwd(), str(settings.workspace_root)]
+    url = parsed_url(settings)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        folders.append(os.path.dirname(os.path.abspath(url.database)))
+    return folders
 
 
 def executor_options(settings: Settings, sandbox: Sandbox | None) -> ExecutorOptions:

@@ -33,8 +33,11 @@ from countersign.domain.errors import (
 from countersign.services.tools import list_tools, load_tool_plugins, open_mcp_hub, use_mcp_hub
 
 if TYPE_CHECKING:
+    import socket
+
     from countersign.services import ServiceDeps
     from countersign.services.retention import PruneReport
+    from countersign.supervisor import Shutdown
 
 # The web stack (app, uvicorn) and the services are imported inside the commands that use
 # them: `db check` and a settings error then answer in about half the time, which probes,
@@ -126,33 +129,78 @@ def serve(
     port: Annotated[
         int | None, typer.Option(min=1, max=65535, help="Port to listen on (1-65535).")
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Server processes sharing the port, each with its own executor (1-64).",
+        ),
+    ] = 1,
 ) -> None:
     """Start the server (dev: migrates first; prod: refuses an unmigrated database)."""
     settings = _settings(host=host, port=port)  # before the web stack's slow imports
-
-    import uvicorn
 
     from countersign.app import configure_logging, create_app
     from countersign.supervisor import Shutdown
 
     configure_logging(settings)
+    if workers > 1 and settings.is_sqlite:
+        raise _fail(
+            "--workers needs PostgreSQL: a SQLite file is served by one process.",
+            hint="Leave --workers out, or set COUNTERSIGN_DATABASE_URL to a PostgreSQL.",
+            code=2,
+        )
     shutdown = Shutdown()
     try:
-        application = create_app(settings, shutdown=shutdown)
+        application = create_app(settings, shutdown=shutdown)  # every setting checked first
     except ConfigError as exc:
         raise _fail(exc.message, hint=exc.hint, code=2) from None
-    # Pass the gate here, before uvicorn, so a refusal is one sentence and exit code 1.
+    # Pass the gate here, before uvicorn, so a refusal is one sentence and exit code 1 (and,
+    # with workers, dev migrates once, not in each of them).
     _run(startup_gate(settings))
     typer.echo(
         f"Countersign on http://{settings.host}:{settings.port} "
-        f"({settings.profile.value}, {safe_url(settings)})",
+        f"({settings.profile.value}, {safe_url(settings)}"
+        f"{f', {workers} workers' if workers > 1 else ''})",
         err=True,
     )
+    if workers == 1:
+        _serve_here(settings, shutdown, application)
+        return
+    del application
+    from countersign.workers import serve_workers
+
+    raise typer.Exit(serve_workers(settings, workers, _worker))
+
+
+def _worker(host: str, port: int, sockets: list[socket.socket]) -> None:
+    """One of ``serve --workers N``'s processes: the app on the port its parent bound."""
+    from countersign.app import configure_logging, create_app
+    from countersign.supervisor import Shutdown
+
+    settings = _settings(host=host, port=port)
+    configure_logging(settings)
+    shutdown = Shutdown()
+    _serve_here(settings, shutdown, create_app(settings, shutdown=shutdown), sockets=sockets)
+
+
+def _serve_here(
+    settings: Settings,
+    shutdown: Shutdown,
+    application: Any,
+    *,
+    sockets: list[socket.socket] | None = None,
+) -> None:
+    """Serve ``application`` in this process until a stop signal; exit 0 when it stopped."""
+    import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             shutdown.signal()  # at once: the executor claims nothing more
-            super().handle_exit(sig, frame)
+            # Ctrl+C is a stop like SIGTERM: a second one ends the grace (the executor's
+            # urgent stop), it does not skip the shutdown that hands the runs back.
+            super().handle_exit(signal.SIGTERM, frame)
 
     config = uvicorn.Config(
         application,
@@ -165,9 +213,10 @@ def serve(
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),
     )
     # uvicorn raises the signal it handled again once it has stopped; a stop that went as
-    # planned then exits with status 0.
+    # planned then exits with status 0, for SIGTERM and Ctrl+C alike.
     signal.signal(signal.SIGTERM, _stopped_cleanly)
-    Server(config).run()
+    signal.signal(signal.SIGINT, _stopped_cleanly)
+    Server(config).run(sockets=sockets)
 
 
 def _stopped_cleanly(_sig: int, _frame: FrameType | None) -> None:

@@ -10,6 +10,8 @@ import asyncio
 import os
 import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -63,6 +65,69 @@ async def test_a_command_can_write_in_the_workspace_and_only_there(
         refused = await sandboxed.call("shell", command=f"touch {target}")
         assert refused.startswith("exit code 1\n"), refused
     assert not await asyncio.to_thread(Path("/usr/made").exists)
+
+
+@pytest.fixture
+def app_under_usr(tmp_path: Path) -> Iterator[Path]:
+    """A server folder inside /usr, as a container's ``WORKDIR /usr/src/app`` makes it."""
+    if os.geteuid() != 0 and not os.access("/usr/local", os.W_OK):
+        message = "this user cannot make a folder under /usr/local"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    folder = Path(tempfile.mkdtemp(prefix="countersign-app-", dir="/usr/local"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+async def test_server_folders_inside_a_system_folder_are_covered(
+    app_under_usr: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server started in /usr/local/…/ with its .env, database and workspaces there: the
+    sandbox binds /usr, yet a command sees none of them (an empty, read-only folder)."""
+    _bwrap()
+    (app_under_usr / ".env").write_text("COUNTERSIGN_SECRET_KEY=the-server-secret\n")
+    (app_under_usr / "data").mkdir()
+    (app_under_usr / "data" / "countersign.db").write_text("the server's database")
+    workspaces = app_under_usr / "workspaces"
+    workspace = workspaces / "one-session"
+    monkeypatch.chdir(app_under_usr)
+    url = f"sqlite+aiosqlite:///{app_under_usr / 'data' / 'countersign.db'}"
+    settings = make_settings(url, sandbox="bwrap", workspace_root=workspaces)
+    sandbox = shell_sandbox(settings)
+    assert sandbox is not None
+    turn = Turn(workspace, limits=ToolLimits(sandbox=sandbox, shell_interpreter=True))
+    populate(workspace, {"mine.txt": "the session's own"})
+
+    for path in (".env", "data/countersign.db", "workspaces/one-session/mine.txt"):
+        output = await turn.call("shell", command=f"cat {app_under_usr / path}")
+        assert output.startswith("exit code 1\n"), output
+        assert "No such file or directory" in output
+    assert await turn.call("shell", command=f"ls -A {app_under_usr}; echo end") == "end\n"
+    refused = await turn.call("shell", command=f"touch {app_under_usr}/x")
+    assert refused.startswith("exit code 1\n"), refused
+    # Its own workspace is still there, as /workspace; the rest of /usr/local still shows.
+    assert await turn.call("shell", command="cat mine.txt") == "the session's own"
+    assert app_under_usr.parent.name in await turn.call("shell", command="ls /usr")
+
+
+async def test_tmp_and_dev_are_bounded_and_no_namespace_inside(sandboxed: Turn) -> None:
+    """/tmp and /dev/shm hold no more than the memory limit (512 MiB here), /dev is read-only
+    (its devices still work) and a command cannot make a user namespace of its own."""
+    populate(sandboxed.workspace)
+
+    filled = await sandboxed.call(
+        "shell", command="head -c 600M /dev/zero > /tmp/big; echo $?; du -m /tmp/big | cut -f1"
+    )
+    assert filled.splitlines()[-2:] == ["1", "512"], filled
+    shm = await sandboxed.call("shell", command="head -c 600M /dev/zero > /dev/shm/big; echo $?")
+    assert shm.splitlines()[-1] == "1", shm
+    assert (await sandboxed.call("shell", command="touch /dev/x")).startswith("exit code 1\n")
+    assert await sandboxed.call("shell", command="echo x > /dev/null && echo ok") == "ok\n"
+    nested = await sandboxed.call("shell", command="unshare -U true")
+    assert nested.startswith("exit code 1\n"), nested
 
 
 async def test_a_command_cannot_read_the_servers_files(
@@ -213,11 +278,18 @@ def test_bwrap_asked_for_and_missing_is_one_sentence(
         "COUNTERSIGN_SANDBOX=bwrap cannot be used: bwrap is not installed "
         "(Debian/Ubuntu: apt-get install bubblewrap)"
     )
-    # auto goes without it, and none never looks.
-    assert (
-        shell_sandbox(make_settings(url, sandbox="auto", profile="prod", secret_key="k" * 40))
-        is None
+    # auto in prod insists on it too (none is the way to go without one); elsewhere auto
+    # and none never look.
+    prod = {"profile": "prod", "secret_key": "k" * 40}
+    with pytest.raises(ConfigError) as refused_in_prod:
+        shell_sandbox(make_settings(url, sandbox="auto", **prod))
+    assert refused_in_prod.value.message == (
+        "the prod profile runs shell commands in a sandbox and there is none here: bwrap is "
+        "not installed (Debian/Ubuntu: apt-get install bubblewrap); make bwrap work, or set "
+        "COUNTERSIGN_SANDBOX=none to run them without one"
     )
+    assert shell_sandbox(make_settings(url, sandbox="none", **prod)) is None
+    assert shell_sandbox(make_settings(url, sandbox="auto")) is None
     assert shell_sandbox(make_settings(url, sandbox="none")) is None
 
 

@@ -158,7 +158,7 @@ async def test_malformed_uuid_in_the_path_is_422(
         {"agent_id": ["00000000-0000-0000-0000-000000000000"]},
         {"title": "x" * 201},
         {"unknown": "field"},
-        {"title": "ok", "owner_id": str(uuid.uuid4())},
+        {"title": "ok", "owner_id": "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"},
         [],
         ["title"],
         "title",

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -545,6 +546,52 @@ async def test_invariant_6_a_killed_server_leaves_no_half_message_and_the_run_is
             assert state.error
             assert await db.assistant_messages(run_id) == []
         no_traceback(b)
+
+
+async def test_only_a_crash_counts_against_max_attempts_a_shutdown_does_not(
+    database: TestDatabase, db: Database, servers: ServerProcesses, tmp_path: Path
+) -> None:
+    """With COUNTERSIGN_RUN_MAX_ATTEMPTS=1: A is stopped (SIGTERM) in the model call and hands
+    the run back; B takes it over without counting a retry and asks the model again. B is
+    killed in the model call: C's takeover is the retry that is one too many, and C fails the
+    run with a sentence without asking the model a third time."""
+    with FakeOpenAI() as model, servers:
+        env = server_env(
+            database.url,
+            default_model="openai:fake",
+            openai_base_url=model.base_url,
+            workspace_root=str(tmp_path / "workspaces"),
+            run_max_attempts="1",
+            run_lease_seconds="2",
+            shutdown_grace_seconds="0",
+        )
+        key = await new_api_key(database.url)
+        model.script(hang("one"), hang("two"), reply("never asked"))
+
+        async def asked(n: int) -> bool | None:
+            return True if len(model.requests) >= n else None
+
+        a = await start(servers, "a", env)
+        async with api(a, key) as http:
+            session_id = await new_session(http)
+            run_id = await send(http, session_id, "hello")
+        await eventually(partial(asked, 1), within=WAIT, what="A's model call")
+        stopped = await asyncio.to_thread(a.stop)
+        assert (stopped.returncode, stopped.killed) == (0, False), stopped
+        handed_back = await db.run(run_id)
+        assert (handed_back.status, handed_back.owner) == ("running", None), handed_back
+
+        b = await start(servers, "b", env)
+        await eventually(partial(asked, 2), within=RECOVERY, what="B's model call")
+        await asyncio.to_thread(b.kill)
+
+        c = await start(servers, "c", env)
+        state, took = await run_ended(db, run_id, within=RECOVERY)
+        assert took < RECOVERY
+        assert state.status == "failed", state
+        assert (state.error or "").startswith("the run was tried once and never finished")
+        assert len(model.requests) == 2
+        no_traceback(c)
 
 
 async def asked_again(db: Database, run_id: str, *, after_attempt: int) -> RunState:

@@ -205,11 +205,17 @@ def lines_of_tool(events: list[Any]) -> int:
     return [e.type for e in events].count(EventType.TOOL_CALL)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 async def test_a_second_sigterm_stops_at_once_and_leaves_the_run_recoverable(
-    database: TestDatabase, db: Database, servers: ServerProcesses, tmp_path: Path
+    stop: signal.Signals,
+    database: TestDatabase,
+    db: Database,
+    servers: ServerProcesses,
+    tmp_path: Path,
 ) -> None:
     """With a long grace and a tool that outlasts it, a second SIGTERM ends the wait: the
-    process exits 0 at once, the tool is recorded as stopped and the run is handed back."""
+    process exits 0 at once, the tool is recorded as stopped and the run is handed back.
+    Ctrl+C (SIGINT) is the same stop: exit 0, and a second one still hands the run back."""
     workspaces = tmp_path / "workspaces"
     env = server_env(database.url, workspace_root=str(workspaces), shutdown_grace_seconds="60")
     key = await new_api_key(database.url)
@@ -222,12 +228,12 @@ async def test_a_second_sigterm_stops_at_once_and_leaves_the_run_recoverable(
         await decide(http, session_id, asked[-1].data["approval_id"])
     await file_lines(workspaces / session_id / "slow.pid", 1)
 
-    a.process.send_signal(signal.SIGTERM)
+    a.process.send_signal(stop)
     await asyncio.sleep(1.0)
-    assert a.is_running(), "the first SIGTERM did not wait for the running tool"
+    assert a.is_running(), "the first signal did not wait for the running tool"
     assert (await db.run(run_id)).status == "running"
     began = time.monotonic()
-    a.process.send_signal(signal.SIGTERM)
+    a.process.send_signal(stop)
     code = await asyncio.to_thread(a.process.wait, 15)
     print(f"exited {time.monotonic() - began:.2f} s after the second SIGTERM")
     assert code == 0, a.tail()

@@ -104,13 +104,17 @@ async def test_postgres_stopped_for_20_s_under_load_needs_no_restart(
 async def test_a_read_only_sqlite_file_under_load_needs_no_restart(
     database: TestDatabase, tmp_path: Path
 ) -> None:
-    """The database file (and its WAL and shared-memory files) made read-only for 20 s
-    (``chattr +i``: even root cannot write it): writes 503 with Retry-After, reads still
-    answer, readiness 503 saying the file cannot be written; then everything goes on."""
+    """The database file, its WAL and its folder made read-only for the outage (``chattr
+    +i``: even root cannot write them): writes 503 with Retry-After, reads still answer,
+    readiness 503 saying the file cannot be written; then everything goes on.
+
+    The shared-memory file stays writable: it is mapped into the process, and a write to a
+    mapped page of an immutable file is a SIGBUS that would end the test run, not a
+    database error (a file system remounted read-only refuses the remount instead)."""
     if shutil.which("chattr") is None and not os.environ.get("CI"):
         pytest.skip("chattr (e2fsprogs) is not installed")
     path = Path(database.url.split(":///", 1)[1])
-    files = [path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")]
+    files = [path, path.with_name(f"{path.name}-wal")]
 
     def immutable(flag: str) -> None:
         # The folder too: no new WAL or shared-memory file can be made in it meanwhile.

@@ -38,7 +38,7 @@ from tests.services.test_runs import (
     wait_until,
 )
 from tests.support.databases import TestDatabase
-from tests.support.fake_openai import FakeOpenAI, hang, text
+from tests.support.fake_openai import FakeOpenAI, text, tool_call
 
 SECRET = "reply-secret-7Hq2Zp"
 """Text only the model's reply contains: no log line and no failure reason may show it."""
@@ -264,39 +264,6 @@ async def _log(peer: Peer, run_id: str) -> list[RunEvent]:
     ]
 
 
-async def test_a_run_is_tried_at_most_max_attempts_times(
-    database: TestDatabase, tmp_path: Path
-) -> None:
-    """A run whose every attempt dies (the server stops in the middle of the model call) is
-    not retried forever: the attempt after the last one fails it with a sentence, and the
-    model is not asked again."""
-    with FakeOpenAI() as server:
-        server.script(hang(), hang(), hang())
-        settings = fake_model_settings(
-            server, run_max_attempts=2, run_lease_seconds=1, executor_poll_seconds=0.1
-        )
-        session_id = run_id = ""
-        for attempt in (1, 2):
-            async with running_app(database, tmp_path, **settings) as harness:
-                if attempt == 1:
-                    session_id = await new_session(harness.client, harness.account)
-                    run_id = (await send(harness.client, harness.account, session_id, "hi"))["run"][
-                        "id"
-                    ]
-                    owner = harness.account
-                await wait_until(
-                    lambda n=attempt: asyncio.sleep(0, len(server.requests) >= n),
-                    what=f"model request {attempt}",
-                )
-            # The app stopped mid-call: the run is left running, as after a crash.
-        async with running_app(database, tmp_path, **settings) as harness:
-            harness = Harness(harness.app, harness.client, owner, harness.settings)
-            run = await wait_for_end(harness, session_id, run_id)
-        assert run["status"] == "failed"
-        assert run["error"].startswith("the run was tried 2 times and never finished")
-        assert len(server.requests) == 2
-
-
 async def test_a_database_error_shows_no_values_in_logs_or_reasons(
     database: TestDatabase, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -441,3 +408,158 @@ async def test_driver_errors_in_the_lease_keeper_and_the_writer_are_logged_and_s
                 return (await harness.client.get("/health/ready")).status_code == 200
 
             await wait_until(ready, what="readiness after the faults", every=0.1)
+
+
+async def test_a_call_cut_off_by_a_stop_asks_again_with_the_words_of_its_own_response(
+    database: TestDatabase, tmp_path: Path
+) -> None:
+    """In one run the model says something and asks to write a file (approved), then says
+    something else and starts a command the app's stop cuts off. The next start asks again
+    for the command, and the response it rebuilt carries that response's own words, not the
+    earlier one's: the model hears exactly what it said when the person answers."""
+    with FakeOpenAI() as server:
+        server.script(
+            tool_call(
+                "write_file",
+                {"path": "a.txt", "content": "x"},
+                call_id="c1",
+                saying=["Earlier words. "],
+            ),
+            tool_call(
+                "shell", {"command": "sleep 30"}, call_id="c2", saying=["Now the slow one. "]
+            ),
+            text("understood"),
+        )
+        settings = fake_model_settings(server)
+        async with running_app(database, tmp_path, **settings) as harness:
+            owner = harness.account
+            made = await harness.client.post(
+                "/api/v1/agents",
+                json={
+                    "name": "mixed",
+                    "tools": [
+                        {"name": "write_file", "policy": "ask"},
+                        {"name": "shell", "policy": "auto"},
+                    ],
+                },
+                headers=owner.headers,
+            )
+            assert made.status_code == 201, made.text
+            created = await harness.client.post(
+                "/api/v1/sessions", json={"agent_id": made.json()["id"]}, headers=owner.headers
+            )
+            session_id = created.json()["id"]
+            run_id = (await send(harness.client, owner, session_id, "go"))["run"]["id"]
+            first = await _pending(harness, session_id)
+            decided = await harness.client.post(
+                f"/api/v1/sessions/{session_id}/approvals/{first['id']}",
+                json={"decision": "approve"},
+                headers=owner.headers,
+            )
+            assert decided.status_code == 200, decided.text
+            async with Peer(database) as peer:
+
+                async def command_started() -> bool:
+                    calls = await peer.count(
+                        "SELECT count(*) FROM events WHERE run_id = ? AND type = 'tool.call'",
+                        run_id,
+                    )
+                    return calls >= 2
+
+                await wait_until(command_started, what="the command to start")
+        # The app stopped in the command: it is recorded as stopped and the run handed back.
+        async with running_app(database, tmp_path, **settings) as restarted:
+            harness = Harness(restarted.app, restarted.client, owner, restarted.settings)
+            again = await _pending(harness, session_id)
+            assert (again["tool"], again["arguments"]) == ("shell", {"command": "sleep 30"})
+            rejected = await harness.client.post(
+                f"/api/v1/sessions/{session_id}/approvals/{again['id']}",
+                json={"decision": "reject"},
+                headers=owner.headers,
+            )
+            assert rejected.status_code == 200, rejected.text
+            run = await wait_for_end(harness, session_id, run_id)
+        assert run["status"] == "succeeded", run
+        said = {
+            call["id"]: message.get("content")
+            for message in server.requests[-1].body["messages"]
+            if message["role"] == "assistant"
+            for call in message.get("tool_calls") or []
+        }
+        assert said == {"c1": "Earlier words. ", "c2": "Now the slow one. "}
+
+
+async def _pending(harness: Harness, session_id: str) -> dict[str, Any]:
+    """The session's one pending approval, once there is one."""
+
+    async def pending() -> dict[str, Any] | None:
+        answer = await harness.client.get(
+            f"/api/v1/sessions/{session_id}/pending-approvals", headers=harness.account.headers
+        )
+        items: list[dict[str, Any]] = answer.json()["items"]
+        return items[0] if items else None
+
+    found: dict[str, Any] = await wait_until(pending, what="a pending approval", within=WAIT)
+    return found
+
+
+async def test_the_question_asked_again_wins_whatever_the_clocks_say(
+    database: TestDatabase, tmp_path: Path
+) -> None:
+    """An approved command is cut off by a stop; the next start asks again and the person
+    rejects. The old approval's id is made to sort after the new one (as when the process
+    that asked first had a clock ahead of the one that asked again): the rejection still
+    counts, and the command does not run a second time."""
+    command = "sh -c 'echo ran >> count.txt; if [ ! -e again ]; then sleep 30; fi'"
+    message = "/tool shell " + json.dumps({"command": command})
+    async with running_app(database, tmp_path) as harness:
+        owner = harness.account
+        session_id = await new_session(harness.client, owner)
+        run_id = await approved_tool_call(harness, session_id, message)
+        workspace = tmp_path / "ws" / session_id
+        await wait_until(
+            lambda: asyncio.sleep(0, (workspace / "count.txt").exists()), what="the command"
+        )
+        async with Peer(database) as peer:
+            [(old_id,)] = await peer.fetch("SELECT id FROM approvals WHERE run_id = ?", run_id)
+    async with running_app(database, tmp_path) as restarted:
+        harness = Harness(restarted.app, restarted.client, owner, restarted.settings)
+        again = await _pending(harness, session_id)
+        assert again["tool"] == "shell"
+        async with Peer(database) as peer:
+            await _move_approval(peer, str(uuid.UUID(str(old_id))), _LATE_ID)
+        (workspace / "again").touch()
+        rejected = await harness.client.post(
+            f"/api/v1/sessions/{session_id}/approvals/{again['id']}",
+            json={"decision": "reject"},
+            headers=owner.headers,
+        )
+        assert rejected.status_code == 200, rejected.text
+        run = await wait_for_end(harness, session_id, run_id)
+    assert run["status"] == "succeeded", run
+    assert (workspace / "count.txt").read_text() == "ran\n"
+
+
+_LATE_ID = "ffffffff-ffff-7fff-bfff-ffffffffffff"
+"""A UUIDv7 from far in the future: it sorts after every id made today."""
+
+
+async def _move_approval(peer: Peer, old: str, new: str) -> None:
+    """Give an approval another id, in its row and in its approval.required event."""
+    if peer.database.backend == "postgres":
+        await peer.pg.execute("UPDATE approvals SET id = $1 WHERE id = $2", new, old)
+        await peer.pg.execute(
+            "UPDATE events SET data = replace(data::text, $1, $2)::jsonb "
+            "WHERE type = 'approval.required'",
+            old,
+            new,
+        )
+        return
+    peer.sqlite.execute(
+        "UPDATE approvals SET id = ? WHERE id = ?", (uuid.UUID(new).hex, uuid.UUID(old).hex)
+    )
+    peer.sqlite.execute(
+        "UPDATE events SET data = replace(data, ?, ?) WHERE type = 'approval.required'",
+        (old, new),
+    )
+    peer.sqlite.commit()

@@ -50,6 +50,8 @@ class ToolCall:
     arguments: str
     call_id: str
     fragment_size: int = 8
+    saying: tuple[str, ...] = ()
+    """Text chunks streamed before the call (the model saying what it is about to do)."""
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,12 @@ def tool_call(
     *,
     call_id: str = "call_fake_1",
     fragment_size: int = 8,
+    saying: Sequence[str] = (),
 ) -> ToolCall:
-    """A tool-call answer; ``arguments`` is a mapping (sent as JSON) or raw JSON text."""
+    """A tool-call answer (after the text chunks ``saying``, if any); ``arguments`` is a
+    mapping (sent as JSON) or raw JSON text."""
     raw = arguments if isinstance(arguments, str) else json.dumps(dict(arguments or {}))
-    return ToolCall(name, raw, call_id, fragment_size)
+    return ToolCall(name, raw, call_id, fragment_size, tuple(saying))
 
 
 _DEFAULT_ERRORS = {
@@ -374,6 +378,8 @@ def _deltas(reply: Text | ToolCall | Hang) -> Iterator[dict[str, Any]]:
     """The ``delta`` objects of a streamed answer, the role first."""
     yield {"role": "assistant", "content": ""}
     if isinstance(reply, ToolCall):
+        for chunk in reply.saying:
+            yield {"content": chunk}
         yield {
             "tool_calls": [
                 {
@@ -411,6 +417,7 @@ def _chunk(
 def _completion(reply: Text | ToolCall, model: str, completion_id: str) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": None}
     if isinstance(reply, ToolCall):
+        message["content"] = "".join(reply.saying) or None
         message["tool_calls"] = [
             {
                 "id": reply.call_id,

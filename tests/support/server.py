@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -191,8 +192,10 @@ def start_server(
     log_dir: Path | None = None,
     new_session: bool = False,
     ready_timeout: float = START_TIMEOUT,
+    args: Sequence[str] = (),
 ) -> ServerProcess:
-    """Start ``countersign serve`` on a free port and wait (bounded) until it is ready.
+    """Start ``countersign serve`` (with ``args``) on a free port and wait (bounded) until it
+    is ready.
 
     ``new_session`` puts the server in a process group of its own, so that ``kill(group=True)``
     takes whatever it started in that group with it.
@@ -203,7 +206,7 @@ def start_server(
         log = log_dir / f"server-{name}-{attempt}.log"
         with log.open("wb") as output:
             process = subprocess.Popen(
-                [*SERVE, "--port", str(port)],
+                [*SERVE, "--port", str(port), *args],
                 env=env,
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
@@ -239,10 +242,16 @@ class ServerProcesses:
         env: dict[str, str],
         new_session: bool = False,
         ready_timeout: float = START_TIMEOUT,
+        args: Sequence[str] = (),
     ) -> ServerProcess:
         """Start a server in this test's folder (see ``start_server``)."""
         server = start_server(
-            name, env=env, cwd=self.folder, new_session=new_session, ready_timeout=ready_timeout
+            name,
+            env=env,
+            cwd=self.folder,
+            new_session=new_session,
+            ready_timeout=ready_timeout,
+            args=args,
         )
         self.started.append(server)
         return server

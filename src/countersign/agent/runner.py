@@ -116,6 +116,17 @@ class JournaledCall:
     arguments: JSONObject
     output: str | None
     """What it returned; None when it never finished, or was stopped (outcome unknown)."""
+    seq: int = 0
+    """Where in the run's event log the call was journaled."""
+
+
+def new_calls(
+    history: Sequence[Any] | None, calls: Sequence[JournaledCall], *, prompt: str | None
+) -> list[JournaledCall]:
+    """The journaled calls the stored history does not hold yet (a run resumed after an
+    approval journals calls its stored history already asks for)."""
+    already_made = set(open_tool_calls(history)) if prompt is None else set()
+    return [call for call in calls if call.call_id not in already_made]
 
 
 def recovered_turn(
@@ -137,9 +148,7 @@ def recovered_turn(
     new: list[ModelMessage] = []
     if prompt is not None:
         new.append(ModelRequest(parts=[UserPromptPart(prompt)]))
-    # A run resumed after an approval journals calls its stored history already holds.
-    already_made = set(open_tool_calls(messages)) if prompt is None else set()
-    made = [call for call in calls if call.call_id not in already_made]
+    made = new_calls(messages, calls, prompt=prompt)
     if made:
         parts: list[TextPart | ToolCallPart] = [TextPart(text)] if text else []
         parts += [ToolCallPart(call.tool, call.arguments, call.call_id) for call in made]

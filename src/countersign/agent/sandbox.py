@@ -4,7 +4,10 @@ Inside, the command sees the system folders read-only, its session's workspace a
 ``/workspace`` (the only place it can write), a private ``/tmp``, its own ``/proc`` and a
 minimal ``/dev``; it has no network (its own empty network namespace), no view of the
 server's files, processes or environment, runs as an unprivileged user with no capabilities,
-and is held to a CPU-time and an address-space limit. The server's own bounds (the timeout
+and is held to a CPU-time and an address-space limit (its /tmp and /dev/shm to the same
+size). Server folders that lie inside a system folder (the working directory with its ``.env``, the
+workspaces, a SQLite database's folder, e.g. under ``/usr/src/app``) are covered by an empty
+folder. The server's own bounds (the timeout
 that kills the process group, the capped output) apply as without a sandbox.
 """
 
@@ -56,12 +59,14 @@ class Sandbox:
     """The address-space limit of each process of the command (RLIMIT_AS)."""
     cpu_seconds: int
     """The CPU time each process of the command may use (RLIMIT_CPU)."""
+    hidden: tuple[str, ...] = ()
+    """The server's own folders, covered by an empty one where a system folder shows them."""
 
     def wrap(self, argv: Sequence[str], workspace: Path, path: str) -> list[str]:
         """The argv that runs ``argv`` in the sandbox, with ``workspace`` as /workspace."""
         return [
             self.bwrap,
-            *_layout(),
+            *_layout(self.memory_bytes, self.hidden),
             "--bind",
             str(workspace),
             WORKSPACE,
@@ -90,11 +95,12 @@ class Sandbox:
         resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds))
 
 
-def _layout() -> list[str]:
+def _layout(size: int, hidden: Sequence[str]) -> list[str]:
     """Namespaces, user and the file system every sandboxed command gets."""
     args = [
         "--unshare-all",  # network, processes, IPC, host name, cgroups
         "--unshare-user",
+        "--disable-userns",  # and no user namespace of its own inside
         "--uid",
         _NOBODY,
         "--gid",
@@ -106,20 +112,41 @@ def _layout() -> list[str]:
         "--hostname",
         "sandbox",
     ]
+    shown: list[str] = []
     for folder in _SYSTEM_FOLDERS:
         if os.path.islink(folder):
             args += ["--symlink", os.readlink(folder), folder]
         elif os.path.isdir(folder):
             args += ["--ro-bind", folder, folder]
+            shown.append(folder)
     for entry in _SYSTEM_FILES:
         args += ["--ro-bind-try", entry, entry]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]  # noqa: S108 - private
+    for folder in covered(hidden, shown):
+        args += ["--tmpfs", folder, "--remount-ro", folder]
+    # /dev read-only (its devices still work), /dev/shm and /tmp private and bounded.
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(size), "--tmpfs", "/dev/shm"]  # noqa: S108
+    args += ["--remount-ro", "/dev", "--size", str(size), "--tmpfs", "/tmp"]  # noqa: S108
     return args
 
 
-def find_sandbox(*, required: bool, memory_mb: int, cpu_seconds: int) -> Sandbox | None:
+def covered(hidden: Sequence[str], shown: Sequence[str]) -> list[str]:
+    """The hidden folders (resolved) that lie strictly inside a shown system folder."""
+    found = {
+        real
+        for real in (Path(os.path.realpath(folder)) for folder in hidden)
+        if any(real != Path(top) and real.is_relative_to(top) for top in shown)
+    }
+    # One inside another is covered with it.
+    outer = [real for real in found if not any(real != o and real.is_relative_to(o) for o in found)]
+    return sorted(str(real) for real in outer)
+
+
+def find_sandbox(
+    *, required: bool, memory_mb: int, cpu_seconds: int, hidden: Sequence[str] = ()
+) -> Sandbox | None:
     """The sandbox of this machine, checked by starting one; None when not ``required`` and
-    there is none. Raises SandboxUnavailable when it is required and cannot be had."""
+    there is none. Raises SandboxUnavailable when it is required and cannot be had.
+    ``hidden``: the server's folders a command must not see."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         if required:
@@ -127,7 +154,12 @@ def find_sandbox(*, required: bool, memory_mb: int, cpu_seconds: int) -> Sandbox
                 "bwrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
             )
         return None
-    sandbox = Sandbox(bwrap=bwrap, memory_bytes=memory_mb * 1024 * 1024, cpu_seconds=cpu_seconds)
+    sandbox = Sandbox(
+        bwrap=bwrap,
+        memory_bytes=memory_mb * 1024 * 1024,
+        cpu_seconds=cpu_seconds,
+        hidden=tuple(hidden),
+    )
     problem = _probe(sandbox)
     if problem is not None:
         if required:

@@ -125,11 +125,15 @@ def get_idempotency_key(
         Header(
             alias="Idempotency-Key",
             description="Retry-safe key: a repeat returns the first response.",
+            # Checked below, with the envelope's own sentence; here for the OpenAPI.
+            json_schema_extra={"minLength": 1, "maxLength": KEY_MAX_LENGTH, "pattern": r"\S"},
         ),
     ] = None,
 ) -> str | None:
     """The request's Idempotency-Key header, if any."""
-    if idempotency_key is not None and not 0 < len(idempotency_key.strip()) <= KEY_MAX_LENGTH:
+    if idempotency_key is not None and not (
+        0 < len(idempotency_key) <= KEY_MAX_LENGTH and idempotency_key.strip()
+    ):
         raise InvalidInput(f"Idempotency-Key must be 1 to {KEY_MAX_LENGTH} characters")
     return idempotency_key
 

@@ -2,27 +2,36 @@
 
 Metrics live in a registry of the application's own (not the process-wide default), so that
 several apps in one process (tests) do not clash.
+
+Under ``serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set by the parent) every worker
+writes its metrics to that folder and a scrape, whichever worker answers it, reads all of
+them: request counts and latencies summed over the workers, and per process (a ``pid``
+label) the database pool's gauges and the runs each executes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from countersign.agent.mcp import CALL_OUTCOMES, LATENCY_BUCKETS, McpHub
 from countersign.api.errors import internal_error_response
 from countersign.db.engine import PoolStatus
+from countersign.supervisor import Loop
 
 access_logger = logging.getLogger("countersign.access")
 
@@ -36,12 +45,8 @@ class PoolCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         """Read the pool now."""
         status = self._status()
-        for name, value, text in (
-            ("countersign_db_pool_size", status.size, "Connections the pool keeps."),
-            ("countersign_db_pool_checked_out", status.checked_out, "Connections in use."),
-            ("countersign_db_pool_overflow", status.overflow, "Connections beyond the pool size."),
-            ("countersign_db_pool_checked_in", status.checked_in, "Idle pooled connections."),
-        ):
+        values = (status.size, status.checked_out, status.overflow, status.checked_in)
+        for (name, text), value in zip(_POOL_GAUGES, values, strict=True):
             yield GaugeMetricFamily(name, text, value=value)
 
 
@@ -85,6 +90,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_DIR))
         self.requests = Counter(
             "countersign_http_requests",
             "HTTP requests by route and status.",
@@ -97,14 +103,89 @@ class Metrics:
             ["method", "route"],
             registry=self.registry,
         )
+        self._pool: Callable[[], PoolStatus] | None = None
+        self._mcp: McpCollector | None = None
+        self._executing: Callable[[], int] | None = None
+        self._gauges: dict[str, Gauge] = {}
+        if self.multiprocess:
+            # One value per live worker (``pid`` label), written by each worker for itself.
+            for name, text in (*_POOL_GAUGES, _EXECUTING):
+                self._gauges[name] = Gauge(
+                    name, text, registry=self.registry, multiprocess_mode="liveall"
+                )
 
     def watch_pool(self, status: Callable[[], PoolStatus]) -> None:
         """Export the pool's gauges."""
-        self.registry.register(PoolCollector(status))
+        self._pool = status
+        if not self.multiprocess:
+            self.registry.register(PoolCollector(status))
+
+    def watch_executor(self, executing: Callable[[], int]) -> None:
+        """Export how many runs this process's executor carries out now."""
+        self._executing = executing
+        if not self.multiprocess:
+            self.registry.register(_ExecutingCollector(executing))
 
     def watch_mcp(self, hub: McpHub) -> None:
-        """Export the MCP servers' state and calls."""
-        self.registry.register(McpCollector(hub))
+        """Export the MCP servers' state and calls (under workers: the answering one's)."""
+        self._mcp = McpCollector(hub)
+        self.registry.register(self._mcp)
+
+    def record(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered request (and, under workers, write this process's gauges)."""
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+        if self.multiprocess:
+            self._write_gauges()
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus's text format."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        self._write_gauges()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        if self._mcp is not None:
+            registry.register(self._mcp)
+        return generate_latest(registry)
+
+    async def keep_written(self, loop: Loop) -> None:
+        """Under workers: write this process's gauges every few seconds, so that a scrape
+        answered by another worker shows them even when this one answers no request."""
+        while True:
+            self._write_gauges()
+            loop.working()
+            await asyncio.sleep(GAUGES_EVERY_SECONDS)
+
+    def _write_gauges(self) -> None:
+        if self._pool is not None:
+            status = self._pool()
+            values = (status.size, status.checked_out, status.overflow, status.checked_in)
+            for (name, _text), value in zip(_POOL_GAUGES, values, strict=True):
+                self._gauges[name].set(value)
+        if self._executing is not None:
+            self._gauges[_EXECUTING[0]].set(self._executing())
+
+
+GAUGES_EVERY_SECONDS = 2.0
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus-client's folder for the metrics of several processes (``serve --workers``)."""
+_POOL_GAUGES = (
+    ("countersign_db_pool_size", "Connections the pool keeps."),
+    ("countersign_db_pool_checked_out", "Connections in use."),
+    ("countersign_db_pool_overflow", "Connections beyond the pool size."),
+    ("countersign_db_pool_checked_in", "Idle pooled connections."),
+)
+_EXECUTING = ("countersign_runs_executing", "Runs this process's executor carries out now.")
+
+
+class _ExecutingCollector(Collector):
+    def __init__(self, executing: Callable[[], int]) -> None:
+        self._executing = executing
+
+    def collect(self) -> Iterable[Metric]:
+        name, text = _EXECUTING
+        yield GaugeMetricFamily(name, text, value=self._executing())
 
 
 class ObservabilityMiddleware:
@@ -143,8 +224,7 @@ class ObservabilityMiddleware:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"]
-            self.metrics.requests.labels(method, route, str(status_code)).inc()
-            self.metrics.latency.labels(method, route).observe(elapsed)
+            self.metrics.record(method, route, status_code, elapsed)
             access_logger.info(
                 "%s %s %s %.1fms",
                 method,

@@ -11,6 +11,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     SerializerFunctionWrapHandler,
     model_serializer,
     model_validator,
@@ -28,7 +29,11 @@ from countersign.domain.models import (
     ToolSetting,
 )
 from countersign.domain.text import storable
-from countersign.services.accounts import API_KEY_NAME_MAX_LENGTH, PASSWORD_MAX_LENGTH
+from countersign.services.accounts import (
+    API_KEY_NAME_MAX_LENGTH,
+    PASSWORD_MAX_LENGTH,
+    PASSWORD_MIN_LENGTH,
+)
 from countersign.services.agents import INSTRUCTIONS_MAX_LENGTH as AGENT_INSTRUCTIONS_MAX_LENGTH
 from countersign.services.agents import NAME_MAX_LENGTH as AGENT_NAME_MAX_LENGTH
 
@@ -132,17 +137,24 @@ class UserOut(Out):
     created_at: datetime
 
 
+EMAIL_FORMAT: dict[str, JsonValue] = {"format": "email"}
+"""Emails are checked by the service (``normalise_email``); the OpenAPI says what they are."""
+
+
 class UserCreate(Strict):
     """A sign-up: an email and a password (10 to 1024 characters, not a common one)."""
 
-    email: Text = Field(max_length=EMAIL_MAX_LENGTH)
-    password: Text = Field(max_length=PASSWORD_MAX_LENGTH)
+    email: Text = Field(max_length=EMAIL_MAX_LENGTH, json_schema_extra=EMAIL_FORMAT)
+    # The length is checked by the service, with its own sentence; here for the OpenAPI.
+    password: Text = Field(
+        max_length=PASSWORD_MAX_LENGTH, json_schema_extra={"minLength": PASSWORD_MIN_LENGTH}
+    )
 
 
 class LoginCreate(Strict):
     """A login; ``cookie: true`` also sets the web page's session and CSRF cookies."""
 
-    email: Text = Field(max_length=EMAIL_MAX_LENGTH)
+    email: Text = Field(max_length=EMAIL_MAX_LENGTH, json_schema_extra=EMAIL_FORMAT)
     password: Text = Field(max_length=PASSWORD_MAX_LENGTH)
     cookie: bool = False
 
@@ -204,7 +216,9 @@ class SessionCreate(Strict):
 
 
 class SessionUpdate(Strict):
-    """New values for a session; at least one field."""
+    """New values for a session; at least one field (null leaves a field as it is)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
 
     title: Text | None = Field(default=None, max_length=TITLE_MAX_LENGTH)
     status: SessionStatus | None = None
@@ -342,7 +356,14 @@ class ToolRuleIn(Strict):
 class ToolSettingIn(Strict):
     """One tool an agent may call, what happens when it does, and argument rules."""
 
-    name: Text = Field(min_length=1, max_length=100, examples=["write_file"])
+    name: Text = Field(
+        min_length=1,
+        max_length=100,
+        examples=["write_file"],
+        description="A tool this server knows: a built-in (`read_file`, `write_file`, "
+        "`list_files`, `shell`), an MCP server's tool (`SERVER_TOOL`) or a plugin's; "
+        "`GET /api/v1/tools` lists them. Any other name is refused (422).",
+    )
     policy: ToolPolicy = Field(
         description="`auto` runs it, `ask` waits for a person's approval, `deny` refuses it."
     )
@@ -445,7 +466,10 @@ class AgentCreate(Strict):
 
 
 class AgentUpdate(Strict):
-    """New values for one of your agents; at least one field. `tools` replaces the whole list."""
+    """New values for one of your agents; at least one field (null leaves a field as it is).
+    `tools` replaces the whole list."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
 
     name: Text | None = Field(default=None, min_length=1, max_length=AGENT_NAME_MAX_LENGTH)
     model: Text | None = None

@@ -723,11 +723,15 @@ class RunRepository:
             for owner, session, run, status in rows
         ]
 
-    async def release_lease(self, run_id: RunId, lease: Lease, *, at: datetime) -> None:
-        """Let the run go: claimable again at once (still ``running``: a retry follows)."""
-        await self._db.execute(
-            update(_RUNS).where(*_fenced(run_id, lease)).values(owner=None, lease_expires_at=at)
-        )
+    async def release_lease(
+        self, run_id: RunId, lease: Lease, *, at: datetime, a_retry: bool = True
+    ) -> None:
+        """Let the run go: claimable again at once (still ``running``: the claim that takes
+        it over counts a retry, unless ``a_retry`` is False, as when a shutdown let it go)."""
+        values: dict[str, Any] = {"owner": None, "lease_expires_at": at}
+        if not a_retry:
+            values["retries"] = _RUNS.c.retries - 1  # the takeover's +1 makes it even
+        await self._db.execute(update(_RUNS).where(*_fenced(run_id, lease)).values(**values))
 
     async def extend_leases(
         self, *, owner: str, run_ids: list[RunId], until: datetime
@@ -1232,10 +1236,21 @@ class ApprovalRepository:
             raise AlreadyDecided(f"approval {approval.id} was decided by another request")
 
     async def for_run(self, run_id: RunId) -> list[Approval]:
-        """Every approval of the run, oldest first."""
-        rows = await self._db.scalars(
-            select(ApprovalRow).where(ApprovalRow.run_id == run_id).order_by(ApprovalRow.id)
+        """Every approval of the run, in the order the run asked for them.
+
+        That order is the run's event log's (each approval has its ``approval.required``
+        event), not the ids': ids carry the clock of the process that made them, and two
+        processes' clocks may disagree. It matters when a call is asked for again after a
+        crash: the later question is the one whose answer counts.
+        """
+        rows = list(await self._db.scalars(select(ApprovalRow).where(ApprovalRow.run_id == run_id)))
+        asked = await self._db.execute(
+            select(EventRow.seq, EventRow.data).where(
+                EventRow.run_id == run_id, EventRow.type == EventType.APPROVAL_REQUIRED.value
+            )
         )
+        seq_of = {str(data.get("approval_id")): seq for seq, data in asked}
+        rows.sort(key=lambda row: (seq_of.get(str(row.id), 0), row.id))
         return [_approval(row) for row in rows]
 
     async def count_pending(self, run_id: RunId) -> int:

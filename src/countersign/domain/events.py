@@ -98,12 +98,18 @@ def text_delta(text: str) -> NewEvent:
     return NewEvent(EventType.TEXT_DELTA, {"text": text})
 
 
-def assistant_text(events: list[RunEvent], *, resumed_from: int | None = None) -> str:
+def assistant_text(
+    events: list[RunEvent],
+    *,
+    resumed_from: int | None = None,
+    between: tuple[int, int] | None = None,
+) -> str:
     """The reply a run's text deltas add up to, leaving out what retried attempts replaced.
 
     A ``run.started`` event of a retried attempt carries ``resumed_from_seq``: the deltas of
     earlier attempts after that point were streamed again by the new attempt, so they drop
     out. ``resumed_from`` applies the same rule once more at the end (an attempt starting now).
+    ``between`` keeps only the deltas whose seq lies strictly between its two ends.
     """
     kept: list[tuple[int, int, str]] = []
     for event in sorted(events, key=lambda event: event.seq):
@@ -114,4 +120,6 @@ def assistant_text(events: list[RunEvent], *, resumed_from: int | None = None) -
             kept = [item for item in kept if item[0] <= cut or item[1] >= event.attempt]
     if resumed_from is not None:
         kept = [item for item in kept if item[0] <= resumed_from]
+    if between is not None:
+        kept = [item for item in kept if between[0] < item[0] < between[1]]
     return "".join(text for _seq, _attempt, text in kept)

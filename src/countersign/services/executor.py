@@ -46,6 +46,7 @@ from countersign.agent.runner import (
     TurnOutcome,
     TurnRequest,
     build_agent,
+    new_calls,
     open_tool_calls,
     recovered_turn,
     run_turn,
@@ -171,6 +172,11 @@ class Executor:
             self._claim_loop,
             stale_after=max(10.0, 5 * self.options.poll_seconds),
         )
+
+    @property
+    def executing(self) -> int:
+        """How many runs this executor carries out now."""
+        return len(self._turns)
 
     @property
     def stopping(self) -> bool:
@@ -436,7 +442,7 @@ class Executor:
                 if self._stopping:
                     # Stopped by a shutdown: another process (or the next start) takes the
                     # run over at once, without waiting for its lease to run out.
-                    await turn.hand_back()
+                    await turn.hand_back(a_retry=False)
                 raise
             # The lease keeper found the lease gone and stopped the turn: say so, as above.
             logger.info("run %s was taken over or ended elsewhere; letting go", claimed.run.id)
@@ -616,12 +622,15 @@ class _Turn:
 
     # -- the turn -------------------------------------------------------------------------
 
-    async def hand_back(self) -> None:
+    async def hand_back(self, *, a_retry: bool = True) -> None:
         """Give the run up so that a retry need not wait for the lease to run out (best
-        effort: when the database is away, the lease runs out by itself)."""
+        effort: when the database is away, the lease runs out by itself). A run handed back
+        by a shutdown (``a_retry=False``) did not fail: its next claim is not counted."""
         try:
             async with self.deps.uow_factory() as uow:
-                await uow.runs.release_lease(self.run_id, self.lease, at=self.deps.clock.now())
+                await uow.runs.release_lease(
+                    self.run_id, self.lease, at=self.deps.clock.now(), a_retry=a_retry
+                )
                 await uow.commit()
         except CountersignError as error:
             logger.info(
@@ -703,12 +712,16 @@ class _Turn:
         With a call whose outcome is unknown, the turn pauses there and asks a person again.
         When every call finished, their results are stored and the turn goes on from them.
         """
-        outcome = recovered_turn(
-            await self._history(),
-            self.start.recovered,
-            prompt=self.start.context.prompt if self.claimed.history_seq is None else None,
-            text=self.start.earlier_text,
+        history = await self._history()
+        prompt = self.start.context.prompt if self.claimed.history_seq is None else None
+        calls = self.start.recovered
+        # The text the stopped attempt streamed in the response that made its new calls: after
+        # the checkpoint, before the first of them.
+        first = min((call.seq for call in new_calls(history, calls, prompt=prompt)), default=0)
+        text = assistant_text(
+            list(self.start.text_events), between=(self.claimed.checkpoint_seq, first)
         )
+        outcome = recovered_turn(history, calls, prompt=prompt, text=text)
         if not outcome.requests:
             await self._write([], checkpoint=_Messages(outcome.new_start, outcome.new_messages))
         return outcome
@@ -1064,6 +1077,8 @@ class _Start:
     """The run's decided approvals (a run resumed after a decision)."""
     earlier_text: str = ""
     """The reply text earlier attempts streamed before this attempt's starting point."""
+    text_events: Sequence[RunEvent] = ()
+    """The run's text deltas and starts, as far as they were read."""
     history: Sequence[Any] | None = None
     """The model messages the attempt continues, if already at hand (None: read them)."""
 
@@ -1096,16 +1111,13 @@ async def _read_start(
         return _Start(context, history=history)  # a new run: nothing before it
     # Resumed after an approval, or retried: what the earlier attempts left.
     approvals = await uow.approvals.for_run(run.id) if claimed.history_seq is not None else []
-    earlier_text = (
-        assistant_text(await uow.runs.text_events(run.id), resumed_from=claimed.checkpoint_seq)
-        if claimed.last_seq
-        else ""
-    )
+    text_events = await uow.runs.text_events(run.id) if claimed.last_seq else []
     return _Start(
         context,
         recovered=await _journaled_calls(uow, claimed),
         approvals=tuple(approvals),
-        earlier_text=earlier_text,
+        earlier_text=assistant_text(text_events, resumed_from=claimed.checkpoint_seq),
+        text_events=text_events,
         history=history,
     )
 
@@ -1133,6 +1145,7 @@ async def _journaled_calls(uow: UnitOfWork, claimed: ClaimedRun) -> tuple[Journa
             tool=str(event.data.get("tool")),
             arguments=arguments if isinstance(arguments, dict) else {},
             output=str(result.get("output")) if finished and result is not None else None,
+            seq=event.seq,
         )
     return tuple(calls.values())
 

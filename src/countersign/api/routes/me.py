@@ -10,7 +10,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from countersign.api.deps import AuthenticatedRoute, CurrentUser, Services, request_credential
 from countersign.api.routes import API_PREFIX
-from countersign.api.routes.runs import EVENT_STREAM
+from countersign.api.routes.runs import event_stream
 from countersign.api.schemas import API_ERRORS, UserOut
 from countersign.domain.errors import CountersignError, Unauthenticated
 from countersign.domain.models import UserId
@@ -28,8 +28,14 @@ async def me(user: CurrentUser) -> UserOut:
     return UserOut.model_validate(user)
 
 
+FEED_STREAM = event_stream(
+    ["approval.required", "approval.resolved", "run.status", "session.changed"],
+    "Server-Sent Events: `event:` the change, `data:` JSON.",
+)
+
+
 @router.get(
-    "/me/events", response_class=EventSourceResponse, responses=EVENT_STREAM, tags=["events"]
+    "/me/events", response_class=EventSourceResponse, responses=FEED_STREAM, tags=["events"]
 )
 async def my_events(request: Request, user: CurrentUser, services: Services) -> EventSourceResponse:
     """A live SSE feed of changes to your data across all your sessions (no replay: read the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from countersign.api.errors import error_response
 
@@ -28,6 +28,7 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics: requests by route and status, latency, and the database pool."""
-    body = generate_latest(request.app.state.metrics.registry)
+    """Prometheus metrics: requests by route and status, latency, the database pool and the
+    runs being carried out (under ``serve --workers``: of every worker)."""
+    body = request.app.state.metrics.exposition()
     return Response(body, media_type=CONTENT_TYPE_LATEST)

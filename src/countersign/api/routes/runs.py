@@ -14,6 +14,7 @@ from countersign.api.routes.sessions import NOT_FOUND
 from countersign.api.schemas import API_ERRORS, ErrorBody, RunOut
 from countersign.api.sse import run_event_stream
 from countersign.domain.errors import InvalidInput
+from countersign.domain.events import EventType
 from countersign.domain.models import RunId, SessionId
 from countersign.services import runs
 
@@ -24,13 +25,29 @@ router = APIRouter(
     route_class=AuthenticatedRoute,
 )
 
-EVENT_STREAM: dict[int | str, dict[str, Any]] = {
-    200: {
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        "description": "Server-Sent Events: `id:` is the event seq, `event:` its type, "
-        "`data:` JSON with `run_id` and `seq`.",
+
+def event_stream(events: list[str], description: str) -> dict[int | str, dict[str, Any]]:
+    """An SSE response: the schema describes one event (its ``event:``, ``data:`` and
+    ``id:`` lines), as Server-Sent Events are read one at a time."""
+    one_event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"type": "string", "enum": events},
+            "data": {"type": "string", "contentMediaType": "application/json"},
+            "id": {"type": "string"},
+        },
     }
-}
+    return {
+        200: {"content": {"text/event-stream": {"schema": one_event}}, "description": description}
+    }
+
+
+EVENT_STREAM = event_stream(
+    [event.value for event in EventType],
+    "Server-Sent Events: `id:` is the event seq, `event:` its type, `data:` JSON with "
+    "`run_id` and `seq`.",
+)
 
 
 @router.get("", responses=NOT_FOUND)
