@@ -250,6 +250,13 @@ def shell_sandbox(settings: Settings) -> Sandbox | None:
     if settings.sandbox == "auto" and settings.profile is not Profile.PROD:
         return None
     try:
+        # Made now: a folder the sandbox must cover has to exist when the sandbox is made.
+        settings.workspace_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"COUNTERSIGN_WORKSPACE_ROOT cannot be made: {exc.strerror or exc}"
+        ) from None
+    try:
         return find_sandbox(
             required=True,
             memory_mb=settings.sandbox_memory_mb,

@@ -10,9 +10,9 @@ Signals: SIGTERM or SIGINT to the parent is passed to every worker as SIGTERM (a
 stop, ``COUNTERSIGN_SHUTDOWN_GRACE_SECONDS``); a second one again (urgent: the grace ends).
 The workers are in a session of their own, so a terminal's Ctrl+C reaches them only through
 the parent, once. A worker that dies while the server is not stopping is replaced; one that
-cannot stay up for ``_STEADY_SECONDS`` twice in a row stops the whole server (exit 1), so a
-broken worker does not restart forever. A worker whose parent dies is stopped by the kernel
-(``PR_SET_PDEATHSIG``) and, failing that, stops itself when it notices.
+dies within ``_STEADY_SECONDS`` of its start is replaced after a back-off that doubles up to
+``_MAX_BACKOFF`` s (the database away, a setting that breaks it), while the others go on
+serving. A worker whose parent dies is stopped by the kernel (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
@@ -44,6 +43,7 @@ Worker = Callable[[str, int, list[socket]], None]
 
 _METRICS_FOLDER = "PROMETHEUS_MULTIPROC_DIR"
 _STEADY_SECONDS = 10.0
+_MAX_BACKOFF = 30.0
 """A worker that lived this long was up: its death is not part of a crash loop."""
 _PR_SET_PDEATHSIG = 1
 
@@ -53,18 +53,20 @@ def serve_workers(settings: Settings, count: int, worker: Worker) -> int:
     cleanly)."""
     import uvicorn
 
-    own_folder = not os.environ.get(_METRICS_FOLDER)
-    if own_folder:
-        # Where each worker writes its metrics for the others' scrapes (api/observability).
-        os.environ[_METRICS_FOLDER] = tempfile.mkdtemp(prefix="countersign-metrics-")
-    bound = uvicorn.Config("countersign", host=settings.host, port=settings.port).bind_socket()
-    supervisor = _Workers(settings, count, worker, bound)
+    # Where each worker writes its metrics for the others' scrapes (api/observability): a
+    # fresh folder of this run's own (inside the operator's, when one is set).
+    folder = tempfile.mkdtemp(
+        prefix="countersign-metrics-", dir=os.environ.get(_METRICS_FOLDER) or None
+    )
+    os.environ[_METRICS_FOLDER] = folder
     try:
-        return supervisor.run()
+        bound = uvicorn.Config("countersign", host=settings.host, port=settings.port).bind_socket()
+        try:
+            return _Workers(settings, count, worker, bound).run()
+        finally:
+            bound.close()
     finally:
-        bound.close()
-        if own_folder:
-            shutil.rmtree(os.environ.pop(_METRICS_FOLDER), ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _Workers:
@@ -74,52 +76,57 @@ class _Workers:
         self.worker = worker
         self.bound = bound
         self.context = multiprocessing.get_context("spawn")
-        self.processes: list[BaseProcess] = []
+        self.live: list[BaseProcess] = []
+        self.codes: list[int | None] = []
+        """Exit codes of the workers that ended while the server was stopping."""
         self.started: dict[int, float] = {}
         self.signals = 0
-        self.woken = threading.Event()
-        self.failed = False
+        self.backoff = 0.0
+        self.restart_at: list[float] = []
+        """When to start the replacements still due (after a back-off)."""
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         for _ in range(self.count):
             self._start_one()
-        quick_deaths = 0
         passed_on = 0
-        while any(process.is_alive() for process in self.processes):
+        while self.live:
             while passed_on < self.signals:
                 passed_on += 1
                 self._signal_all(signal.SIGTERM)
-            wait([process.sentinel for process in self.processes], timeout=0.2)
+            # Only live workers' sentinels: an ended one's is always ready.
+            wait([process.sentinel for process in self.live], timeout=0.2)
+            for process in [p for p in self.live if not p.is_alive()]:
+                self._ended(process)
             if self.signals:
-                continue  # stopping: the workers end by themselves
-            for process in [p for p in self.processes if not p.is_alive()]:
-                self.processes.remove(process)
-                if process.pid is not None:  # its gauges are no longer shown
-                    multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
-                lived = time.monotonic() - self.started.pop(process.pid or 0, 0.0)
-                quick_deaths = quick_deaths + 1 if lived < _STEADY_SECONDS else 0
-                if quick_deaths >= 2:
-                    logger.error(
-                        "worker %s exited with code %s after %.1f s, again; stopping the server",
-                        process.pid,
-                        process.exitcode,
-                        lived,
-                    )
-                    self.failed = True
-                    self.signals += 1
-                    break
-                logger.warning(
-                    "worker %s exited with code %s; starting another",
-                    process.pid,
-                    process.exitcode,
-                )
+                continue  # stopping: no replacement; the workers end by themselves
+            now = time.monotonic()
+            for due in [at for at in self.restart_at if at <= now]:
+                self.restart_at.remove(due)
                 self._start_one()
-        for process in self.processes:
-            process.join()
-        codes = [process.exitcode for process in self.processes]
-        return 1 if self.failed or any(code != 0 for code in codes) else 0
+        return 0 if all(code == 0 for code in self.codes) else 1
+
+    def _ended(self, process: BaseProcess) -> None:
+        self.live.remove(process)
+        process.join()
+        if process.pid is not None:  # its gauges are no longer shown
+            multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+        lived = time.monotonic() - self.started.pop(process.pid or 0, 0.0)
+        if self.signals:
+            self.codes.append(process.exitcode)
+            return
+        # A worker that keeps dying at start (the database away, a broken setting) is started
+        # again less and less often, up to once every _MAX_BACKOFF s; the others go on.
+        self.backoff = 0.0 if lived >= _STEADY_SECONDS else min(_MAX_BACKOFF, self.backoff * 2 or 1)
+        logger.warning(
+            "worker %s exited with code %s after %.1f s; starting another%s",
+            process.pid,
+            process.exitcode,
+            lived,
+            f" in {self.backoff:g} s" if self.backoff else "",
+        )
+        self.restart_at.append(time.monotonic() + self.backoff)
 
     def _start_one(self) -> None:
         process = self.context.Process(
@@ -128,11 +135,11 @@ class _Workers:
             name="countersign-worker",
         )
         process.start()
-        self.processes.append(process)
+        self.live.append(process)
         self.started[process.pid or 0] = time.monotonic()
 
     def _signal_all(self, sig: int) -> None:
-        for process in self.processes:
+        for process in self.live:
             if process.is_alive() and process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, sig)
@@ -143,6 +150,8 @@ class _Workers:
 
 def _worker_main(worker: Worker, host: str, port: int, sockets: list[socket], parent: int) -> None:
     """A worker's first steps: its own session, and an end when its parent is gone."""
+    # A stop before the server is up (the parent passes SIGTERM on at once) is a clean end.
+    signal.signal(signal.SIGTERM, _stopped_before_serving)
     os.setsid()  # a terminal's Ctrl+C reaches the parent only, which passes it on once
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -152,3 +161,7 @@ def _worker_main(worker: Worker, host: str, port: int, sockets: list[socket], pa
     if os.getppid() != parent:  # the parent died before the line above
         return
     worker(host, port, sockets)
+
+
+def _stopped_before_serving(_sig: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)

@@ -337,3 +337,38 @@ async def test_the_server_runs_approved_commands_in_the_sandbox(
     assert "workspace" in listed
     assert "root" not in listed
     assert "home" not in listed
+
+
+async def test_a_workspace_root_under_usr_made_at_start_is_covered(
+    app_under_usr: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workspaces live under /usr and do not exist yet when the server starts (from
+    elsewhere): the start makes them, so that the sandbox can cover them."""
+    _bwrap()
+    monkeypatch.chdir(tmp_path)
+    workspaces = app_under_usr / "not-yet" / "workspaces"
+    url = f"sqlite+aiosqlite:///{tmp_path / 'countersign.db'}"
+    sandbox = shell_sandbox(make_settings(url, sandbox="bwrap", workspace_root=workspaces))
+    assert sandbox is not None
+    assert workspaces.is_dir()
+    populate(workspaces / "other-session", {"theirs.txt": "another session's"})
+    turn = Turn(workspaces / "mine", limits=ToolLimits(sandbox=sandbox, shell_interpreter=True))
+    populate(turn.workspace)
+    output = await turn.call("shell", command=f"cat {workspaces}/other-session/theirs.txt")
+    assert output.startswith("exit code 1\n"), output
+
+
+def test_a_server_folder_that_is_a_system_folder_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started from /usr itself, the server's files cannot be covered without covering every
+    program: the sandbox is refused in one sentence."""
+    _bwrap()
+    monkeypatch.chdir("/usr")
+    url = f"sqlite+aiosqlite:///{tmp_path / 'countersign.db'}"
+    with pytest.raises(ConfigError) as refused:
+        shell_sandbox(make_settings(url, sandbox="bwrap", workspace_root=tmp_path / "ws"))
+    assert refused.value.message == (
+        "COUNTERSIGN_SANDBOX=bwrap cannot be used: the server's folder /usr is a system folder "
+        "every command sees; start the server from, and keep its files in, another folder"
+    )

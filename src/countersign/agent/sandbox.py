@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 WORKSPACE = "/workspace"
@@ -61,12 +61,14 @@ class Sandbox:
     """The CPU time each process of the command may use (RLIMIT_CPU)."""
     hidden: tuple[str, ...] = ()
     """The server's own folders, covered by an empty one where a system folder shows them."""
+    no_nested_userns: bool = True
+    """``--disable-userns`` (bubblewrap 0.8 and later; older ones go without it)."""
 
     def wrap(self, argv: Sequence[str], workspace: Path, path: str) -> list[str]:
         """The argv that runs ``argv`` in the sandbox, with ``workspace`` as /workspace."""
         return [
             self.bwrap,
-            *_layout(self.memory_bytes, self.hidden),
+            *_layout(self.memory_bytes, self.hidden, no_nested_userns=self.no_nested_userns),
             "--bind",
             str(workspace),
             WORKSPACE,
@@ -95,12 +97,12 @@ class Sandbox:
         resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds))
 
 
-def _layout(size: int, hidden: Sequence[str]) -> list[str]:
+def _layout(size: int, hidden: Sequence[str], *, no_nested_userns: bool) -> list[str]:
     """Namespaces, user and the file system every sandboxed command gets."""
     args = [
         "--unshare-all",  # network, processes, IPC, host name, cgroups
         "--unshare-user",
-        "--disable-userns",  # and no user namespace of its own inside
+        *(["--disable-userns"] if no_nested_userns else []),  # none of its own inside
         "--uid",
         _NOBODY,
         "--gid",
@@ -131,11 +133,15 @@ def _layout(size: int, hidden: Sequence[str]) -> list[str]:
 
 def covered(hidden: Sequence[str], shown: Sequence[str]) -> list[str]:
     """The hidden folders (resolved) that lie strictly inside a shown system folder."""
-    found = {
-        real
-        for real in (Path(os.path.realpath(folder)) for folder in hidden)
-        if any(real != Path(top) and real.is_relative_to(top) for top in shown)
-    }
+    found: set[Path] = set()
+    for real in (Path(os.path.realpath(folder)) for folder in hidden):
+        if any(real == Path(top) for top in shown):
+            raise SandboxUnavailable(
+                f"the server's folder {real} is a system folder every command sees; "
+                "start the server from, and keep its files in, another folder"
+            )
+        if any(real.is_relative_to(top) for top in shown):
+            found.add(real)
     # One inside another is covered with it.
     outer = [real for real in found if not any(real != o and real.is_relative_to(o) for o in found)]
     return sorted(str(real) for real in outer)
@@ -161,6 +167,10 @@ def find_sandbox(
         hidden=tuple(hidden),
     )
     problem = _probe(sandbox)
+    if problem is not None and "disable-userns" in problem:
+        # bubblewrap before 0.8: the same sandbox, minus that one guard.
+        sandbox = replace(sandbox, no_nested_userns=False)
+        problem = _probe(sandbox)
     if problem is not None:
         if required:
             raise SandboxUnavailable(f"bwrap cannot make a sandbox here ({problem})")

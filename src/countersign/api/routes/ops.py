@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -30,5 +32,6 @@ async def ready(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics: requests by route and status, latency, the database pool and the
     runs being carried out (under ``serve --workers``: of every worker)."""
-    body = request.app.state.metrics.exposition()
+    # Under workers this reads every worker's files: not on the event loop.
+    body = await asyncio.to_thread(request.app.state.metrics.exposition)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
