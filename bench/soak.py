@@ -124,6 +124,15 @@ def _url(target: Target, path: str) -> str:
     return f"{target.base_url}{API}{path}"
 
 
+async def pick(soak: Soak, avoid: Target | None) -> Target:
+    """A live server, another than ``avoid`` when there is one (waits while none is up)."""
+    while True:
+        choices = [t for t in soak.live() if t is not avoid] or soak.live()
+        if choices:
+            return random.choice(choices)
+        await asyncio.sleep(0.5)
+
+
 async def call(
     soak: Soak,
     client: httpx.AsyncClient,
@@ -136,11 +145,7 @@ async def call(
 ) -> tuple[httpx.Response, Target]:
     """One request on a live server (another than ``avoid`` when there is one)."""
     for _ in range(RETRIES):
-        choices = [t for t in soak.live() if t is not avoid] or soak.live()
-        if not choices:
-            await asyncio.sleep(0.5)
-            continue
-        target = random.choice(choices)
+        target = await pick(soak, avoid)
         try:
             answer = await client.request(
                 method, _url(target, path), json=body, headers=target.headers
@@ -175,11 +180,7 @@ async def follow(
     last_type = ""
     read = 0
     for _ in range(RETRIES):
-        choices = [t for t in soak.live() if t is not avoid] or soak.live()
-        if not choices:
-            await asyncio.sleep(0.5)
-            continue
-        target = random.choice(choices)
+        target = await pick(soak, avoid)
         headers = dict(target.headers)
         if seen:
             headers["Last-Event-ID"] = str(seen[-1])
@@ -311,6 +312,8 @@ async def client_loop(soak: Soak) -> None:
 
 
 async def killer(soak: Soak, every: float) -> None:
+    if every <= 0:
+        return  # --kill-every 0: no kills (each process's RSS over the whole run)
     names = sorted(soak.targets)
     turn = 0
     while not soak.stopping:
@@ -439,7 +442,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--processes", type=int, default=3)
     parser.add_argument("--clients", type=int, default=12)
-    parser.add_argument("--kill-every", type=float, default=60.0, help="seconds between kills")
+    parser.add_argument(
+        "--kill-every", type=float, default=60.0, help="seconds between kills (0: none)"
+    )
     parser.add_argument("--quick", action="store_true", help="2 minutes, a kill every 30 s")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)

@@ -451,12 +451,7 @@ async def test_a_call_cut_off_by_a_stop_asks_again_with_the_words_of_its_own_res
             session_id = created.json()["id"]
             run_id = (await send(harness.client, owner, session_id, "go"))["run"]["id"]
             first = await _pending(harness, session_id)
-            decided = await harness.client.post(
-                f"/api/v1/sessions/{session_id}/approvals/{first['id']}",
-                json={"decision": "approve"},
-                headers=owner.headers,
-            )
-            assert decided.status_code == 200, decided.text
+            await _decide(harness, session_id, first["id"], "approve")
             async with Peer(database) as peer:
 
                 async def command_started() -> bool:
@@ -472,12 +467,7 @@ async def test_a_call_cut_off_by_a_stop_asks_again_with_the_words_of_its_own_res
             harness = Harness(restarted.app, restarted.client, owner, restarted.settings)
             again = await _pending(harness, session_id)
             assert (again["tool"], again["arguments"]) == ("shell", {"command": "sleep 30"})
-            rejected = await harness.client.post(
-                f"/api/v1/sessions/{session_id}/approvals/{again['id']}",
-                json={"decision": "reject"},
-                headers=owner.headers,
-            )
-            assert rejected.status_code == 200, rejected.text
+            await _decide(harness, session_id, again["id"], "reject")
             run = await wait_for_end(harness, session_id, run_id)
         assert run["status"] == "succeeded", run
         said = {
@@ -529,12 +519,7 @@ async def test_the_question_asked_again_wins_whatever_the_clocks_say(
         async with Peer(database) as peer:
             await _move_approval(peer, str(uuid.UUID(str(old_id))), _LATE_ID)
         (workspace / "again").touch()
-        rejected = await harness.client.post(
-            f"/api/v1/sessions/{session_id}/approvals/{again['id']}",
-            json={"decision": "reject"},
-            headers=owner.headers,
-        )
-        assert rejected.status_code == 200, rejected.text
+        await _decide(harness, session_id, again["id"], "reject")
         run = await wait_for_end(harness, session_id, run_id)
     assert run["status"] == "succeeded", run
     assert (workspace / "count.txt").read_text() == "ran\n"
@@ -563,3 +548,12 @@ async def _move_approval(peer: Peer, old: str, new: str) -> None:
         (old, new),
     )
     peer.sqlite.commit()
+
+
+async def _decide(harness: Harness, session_id: str, approval_id: str, decision: str) -> None:
+    decided = await harness.client.post(
+        f"/api/v1/sessions/{session_id}/approvals/{approval_id}",
+        json={"decision": decision},
+        headers=harness.account.headers,
+    )
+    assert decided.status_code == 200, decided.text
