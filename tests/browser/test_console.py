@@ -466,6 +466,31 @@ async def test_history_pages_upward_and_keeps_each_replys_tool_calls(
         assert errors == []
 
 
+async def test_a_new_agent_waits_for_the_agents_list_and_offers_every_tool(
+    browser: Any, console: Console
+) -> None:
+    """The list of agents is slow to come: "New agent" waits for it, so the form offers the
+    default agent's tools (before, a quick click opened a form with no tool at all)."""
+    async with person(browser) as (page, errors):
+        await sign_up(page, console)
+        arrived = asyncio.Event()
+
+        async def slow_list(route: Any) -> None:
+            await asyncio.sleep(1.5)
+            await route.continue_()
+            arrived.set()
+
+        await page.route("**/api/v1/agents?limit=100", slow_list)
+        await page.get_by_role("link", name="Agents").click()
+        new_agent = page.get_by_role("button", name="New agent")
+        await expect(new_agent).to_be_disabled(timeout=WAIT_MS)
+        await new_agent.click()
+        assert arrived.is_set()
+        form = page.get_by_role("form", name="New agent")
+        await expect(form.get_by_label("shell", exact=True)).to_be_visible(timeout=WAIT_MS)
+        assert errors == []
+
+
 async def test_agents_are_created_and_edited_with_errors_shown_at_the_field(
     browser: Any, console: Console
 ) -> None:

@@ -124,6 +124,7 @@ class ErrorBody(BaseModel):
 
 API_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "No or bad credentials"},
+    413: {"model": ErrorBody, "description": "The request body is over the size limit"},
     422: {"model": ErrorBody, "description": "Invalid input"},
 }
 """Errors every authenticated operation may answer, documented with the one envelope."""

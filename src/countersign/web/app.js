@@ -920,7 +920,8 @@ function Inbox({ me }) {
 const POLICIES = ["auto", "ask", "deny"];
 
 function Agents() {
-  const [agents, setAgents] = useState([]);
+  // null until the first page is in: the form's tools come from it (the default agent's).
+  const [agents, setAgents] = useState(null);
   const [editing, setEditing] = useState(null);
   const [error, setError] = useState(null);
   const load = useCallback(async () => {
@@ -936,11 +937,11 @@ function Agents() {
   return html`<section class="agents">
     <h2>Agents</h2>
     ${error && html`<p class="error" role="alert">${error}</p>`}
-    <button type="button" onClick=${() => setEditing({ name: "", model: "", instructions: "", tools: agents.find((a) => a.is_default)?.tools || [] })}>New agent</button>
-    ${editing && html`<${AgentForm} key=${editing.id || "new"} agent=${editing} catalog=${toolCatalog(agents, editing)}
+    <button type="button" disabled=${agents === null} onClick=${() => setEditing({ name: "", model: "", instructions: "", tools: agents.find((a) => a.is_default)?.tools || [] })}>New agent</button>
+    ${editing && agents && html`<${AgentForm} key=${editing.id || "new"} agent=${editing} catalog=${toolCatalog(agents, editing)}
       onDone=${() => { setEditing(null); load(); }} />`}
     <ul class="cards">
-      ${agents.map(
+      ${(agents || []).map(
         (a) => html`<li class="card">
           <strong>${a.name}</strong> <span class="muted">${a.model}${a.is_default ? " · default, read-only" : ""}</span>
           <p class="plain">${a.instructions}</p>

@@ -31,7 +31,11 @@ from countersign.domain.errors import Unauthenticated
 from countersign.services import accounts
 from countersign.services.accounts import IssuedToken
 
-router = APIRouter(prefix=f"{API_PREFIX}/auth", tags=["auth"])
+router = APIRouter(
+    prefix=f"{API_PREFIX}/auth",
+    tags=["auth"],
+    responses={413: {"model": ErrorBody, "description": "The request body is over the size limit"}},
+)
 
 RATE_LIMITED: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorBody, "description": "Too many attempts; see `Retry-After`"},
