@@ -145,6 +145,23 @@ async def test_a_command_cannot_read_the_servers_files(
     assert "countersign.db" not in await sandboxed.call("shell", command=f"ls {workspace_parent}")
 
 
+_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+_HAS_BUNDLE = Path(_BUNDLE).is_file()
+
+
+@pytest.mark.skipif(
+    not Path("/etc/ssl/private").is_dir(), reason="this machine has no /etc/ssl/private"
+)
+async def test_private_keys_stay_outside_and_certificates_inside(sandboxed: Turn) -> None:
+    """/etc/ssl/private (keys; readable from inside when the server runs as root, since the
+    sandbox's user maps to the server's) is not there; the CA certificates are."""
+    seen = "if test -e {0}; then echo there; else echo absent; fi"
+    assert await sandboxed.call("shell", command=seen.format("/etc/ssl/private")) == "absent\n"
+    assert await sandboxed.call("shell", command=seen.format(_BUNDLE)) == (
+        "there\n" if _HAS_BUNDLE else "absent\n"
+    )
+
+
 async def test_escapes_by_symlink_dotdot_and_proc_fail(
     sandboxed: Turn, workspace: Path, tmp_path: Path
 ) -> None:

@@ -56,7 +56,14 @@ class RecordingJournal:
         self.stopped: list[bool] = []
         """Per finished record: whether it came from an error or a cancel (commit at once)."""
 
-    async def tool_started(self, *, call_id: str, tool: str, arguments: dict[str, Any]) -> None:
+    async def tool_started(
+        self,
+        *,
+        call_id: str,
+        tool: str,
+        arguments: dict[str, Any],
+        other_calls: Sequence[dict[str, Any]] = (),
+    ) -> None:
         self.records.append(("started", call_id, tool, arguments))
 
     async def tool_finished(

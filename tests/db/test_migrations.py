@@ -338,8 +338,25 @@ async def test_0006_adds_approval_fields_and_puts_edits_back_on_downgrade(
 ) -> None:
     """Existing approvals get ``asked_because`` = "policy ask" and no ``decided_arguments``;
     the downgrade puts edited arguments back into ``arguments``, where 0005 kept them."""
-    users, agents, sessions, runs = (
-        Base.metadata.tables[name] for name in ("users", "agents", "sessions", "runs")
+    users, agents, sessions = (
+        Base.metadata.tables[name] for name in ("users", "agents", "sessions")
+    )
+    runs = sa_table(  # as 0005 left it (later revisions add columns)
+        "runs",
+        *(
+            sa_column(name, type_)
+            for name, type_ in (
+                ("id", Uuid()),
+                ("session_id", Uuid()),
+                ("status", String()),
+                ("attempt", Integer()),
+                ("retries", Integer()),
+                ("last_seq", Integer()),
+                ("checkpoint_seq", Integer()),
+                ("created_at", DateTime(timezone=True)),
+                ("updated_at", DateTime(timezone=True)),
+            )
+        ),
     )
     approvals_0005 = sa_table(
         "approvals",

@@ -525,6 +525,7 @@ async def test_invariant_6_a_killed_server_leaves_no_half_message_and_the_run_is
         b = await start(servers, "b", env)
         state, took = await run_ended(db, run_id, within=RECOVERY)
         assert took < RECOVERY
+        print(f"after a SIGKILL: the run finished {took:.2f} s after B started")
         assert state.attempt > killed.attempt
         events = await db.events(run_id)
         assert [e.seq for e in events] == list(range(1, len(events) + 1))

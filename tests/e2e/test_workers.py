@@ -37,6 +37,8 @@ from tests.support.server import ServerProcesses, server_env
 pytestmark = pytest.mark.slow
 
 TURNS = 12
+STEADY_SECONDS = 10
+"""How long a worker must have lived for its death not to back off (workers.py)."""
 
 
 def gauge_pids(metrics: str, name: str) -> dict[int, float]:
@@ -143,3 +145,60 @@ def test_workers_need_postgresql(tmp_path: Path) -> None:
     assert "--workers needs PostgreSQL: a SQLite file is served by one process." in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "countersign.db").exists()
+
+
+@pytest.mark.backends("postgres")
+async def test_a_worker_that_keeps_dying_at_start_is_restarted_less_and_less_often(
+    database: TestDatabase, servers: ServerProcesses, tmp_path: Path
+) -> None:
+    """A worker killed soon after it started is replaced after 1 s; its successor, killed as
+    soon, after 2 s, the next after 4 s (the back-off doubles; a worker that lived 10 s
+    resets it); the other worker serves all along."""
+    env = server_env(database.url, workspace_root=str(tmp_path / "workspaces"))
+    server = await asyncio.to_thread(servers.start, "backoff", env=env, args=["--workers", "2"])
+    seen: set[int] = set()
+
+    async with httpx.AsyncClient(base_url=server.base_url) as ops:
+
+        async def new_workers(count: int) -> list[int] | None:
+            try:
+                shown = gauge_pids((await ops.get("/metrics")).text, "countersign_db_pool_size")
+            except httpx.TransportError:
+                return None  # a kept-alive connection to a killed worker
+            new = [pid for pid, size in shown.items() if size > 0 and pid not in seen]
+            return new if len(new) >= count else None
+
+        first, _ = await eventually(lambda: new_workers(2), within=WAIT, what="two workers")
+        seen.update(first)
+        victim = first[0]
+        delays: list[float] = []
+        previous = 0.0
+        for _ in range(3):
+            os.kill(victim, signal.SIGKILL)
+            line = (
+                rf"worker {victim} exited with code -9 after (?P<lived>[0-9.]+) s; "
+                rf"starting another(?: in (?P<delay>[0-9.]+) s)?"
+            )
+
+            async def logged(pattern: str = line) -> re.Match[str] | None:
+                return re.search(pattern, server.stderr())
+
+            found, _ = await eventually(logged, within=WAIT, what="the worker's replacement")
+            delay = float(found["delay"] or 0)
+            # The rule: none after a worker that lived its steady time, else double (from 1 s).
+            steady = float(found["lived"]) >= STEADY_SECONDS
+            assert delay == (0 if steady else min(30, 2 * previous or 1)), (delay, found[0])
+            [successor], took = await eventually(
+                lambda: new_workers(1), within=WAIT, what="a successor"
+            )
+            assert took >= delay * 0.9, (delay, took)  # not before its back-off
+            delays.append(delay)
+            previous = delay
+            seen.add(successor)
+            victim = successor
+        assert max(delays) >= 2, delays  # the back-off did double at least once
+        ready = await ops.get("/health/ready")
+        assert ready.status_code == 200, ready.text
+    stopped = await asyncio.to_thread(server.stop)
+    assert (stopped.returncode, stopped.killed) == (0, False), server.tail()
+    no_traceback(server)

@@ -38,7 +38,7 @@ from tests.services.test_runs import (
     wait_until,
 )
 from tests.support.databases import TestDatabase
-from tests.support.fake_openai import FakeOpenAI, text, tool_call
+from tests.support.fake_openai import FakeOpenAI, hang, text, tool_call
 
 SECRET = "reply-secret-7Hq2Zp"
 """Text only the model's reply contains: no log line and no failure reason may show it."""
@@ -433,22 +433,7 @@ async def test_a_call_cut_off_by_a_stop_asks_again_with_the_words_of_its_own_res
         settings = fake_model_settings(server)
         async with running_app(database, tmp_path, **settings) as harness:
             owner = harness.account
-            made = await harness.client.post(
-                "/api/v1/agents",
-                json={
-                    "name": "mixed",
-                    "tools": [
-                        {"name": "write_file", "policy": "ask"},
-                        {"name": "shell", "policy": "auto"},
-                    ],
-                },
-                headers=owner.headers,
-            )
-            assert made.status_code == 201, made.text
-            created = await harness.client.post(
-                "/api/v1/sessions", json={"agent_id": made.json()["id"]}, headers=owner.headers
-            )
-            session_id = created.json()["id"]
+            session_id = await _mixed_session(harness)
             run_id = (await send(harness.client, owner, session_id, "go"))["run"]["id"]
             first = await _pending(harness, session_id)
             await _decide(harness, session_id, first["id"], "approve")
@@ -479,18 +464,108 @@ async def test_a_call_cut_off_by_a_stop_asks_again_with_the_words_of_its_own_res
         assert said == {"c1": "Earlier words. ", "c2": "Now the slow one. "}
 
 
+async def _mixed_session(harness: Harness) -> str:
+    """A new session of an agent whose ``write_file`` asks and whose ``shell`` runs at once."""
+    owner = harness.account
+    made = await harness.client.post(
+        "/api/v1/agents",
+        json={
+            "name": "mixed",
+            "tools": [
+                {"name": "write_file", "policy": "ask"},
+                {"name": "shell", "policy": "auto"},
+            ],
+        },
+        headers=owner.headers,
+    )
+    assert made.status_code == 201, made.text
+    created = await harness.client.post(
+        "/api/v1/sessions", json={"agent_id": made.json()["id"]}, headers=owner.headers
+    )
+    session_id: str = created.json()["id"]
+    return session_id
+
+
 async def _pending(harness: Harness, session_id: str) -> dict[str, Any]:
     """The session's one pending approval, once there is one."""
+    [found] = await _all_pending(harness, session_id, 1)
+    return found
 
-    async def pending() -> dict[str, Any] | None:
+
+async def _all_pending(harness: Harness, session_id: str, count: int) -> list[dict[str, Any]]:
+    """The session's pending approvals, once there are ``count`` of them."""
+
+    async def pending() -> list[dict[str, Any]] | None:
         answer = await harness.client.get(
             f"/api/v1/sessions/{session_id}/pending-approvals", headers=harness.account.headers
         )
         items: list[dict[str, Any]] = answer.json()["items"]
-        return items[0] if items else None
+        return items if len(items) >= count else None
 
-    found: dict[str, Any] = await wait_until(pending, what="a pending approval", within=WAIT)
+    found: list[dict[str, Any]] = await wait_until(
+        pending, what=f"{count} pending approval(s)", within=WAIT
+    )
     return found
+
+
+@pytest.mark.parametrize("reused_id", [False, True], ids=["new-ids", "reused-id"])
+async def test_a_reply_cut_off_by_a_stop_loses_none_of_its_calls(
+    database: TestDatabase, tmp_path: Path, reused_id: bool
+) -> None:
+    """One reply asks for a command (runs at once) and a file write (asks). The app stops
+    while the command runs, before the write could ask. The next start asks about both: the
+    command with its outcome unknown, the write as never started. The write approved runs;
+    the model then hears its whole reply, both calls, and both answers. (``reused-id``: an
+    earlier reply of the run had a call with the same id, as some providers number calls.)"""
+    earlier = [tool_call("shell", {"command": "echo first"}, call_id="c1")] if reused_id else []
+    with FakeOpenAI() as server:
+        server.script(
+            *earlier,
+            tool_call(
+                "shell",
+                {"command": "sleep 30"},
+                call_id="c1",
+                saying=["Two things. "],
+                also=[tool_call("write_file", {"path": "b.txt", "content": "y"}, call_id="c2")],
+            ),
+            text("understood"),
+        )
+        settings = fake_model_settings(server)
+        async with running_app(database, tmp_path, **settings) as harness:
+            owner = harness.account
+            session_id = await _mixed_session(harness)
+            run_id = (await send(harness.client, owner, session_id, "go"))["run"]["id"]
+            async with Peer(database) as peer:
+
+                async def command_started() -> bool:
+                    calls = await peer.count(
+                        "SELECT count(*) FROM events WHERE run_id = ? AND type = 'tool.call'",
+                        run_id,
+                    )
+                    return calls >= 1 + len(earlier)
+
+                await wait_until(command_started, what="the command to start")
+        async with running_app(database, tmp_path, **settings) as restarted:
+            harness = Harness(restarted.app, restarted.client, owner, restarted.settings)
+            asked = {
+                approval["tool"]: approval
+                for approval in await _all_pending(harness, session_id, 2)
+            }
+            assert set(asked) == {"shell", "write_file"}, asked
+            assert asked["shell"]["asked_because"].startswith("outcome unknown")
+            assert asked["write_file"]["asked_because"].startswith("not started")
+            assert asked["write_file"]["arguments"] == {"path": "b.txt", "content": "y"}
+            await _decide(harness, session_id, asked["shell"]["id"], "reject")
+            await _decide(harness, session_id, asked["write_file"]["id"], "approve")
+            run = await wait_for_end(harness, session_id, run_id)
+        assert run["status"] == "succeeded", run
+        assert (tmp_path / "ws" / session_id / "b.txt").read_text() == "y"
+        messages = server.requests[-1].body["messages"]
+        reply = [message for message in messages if message["role"] == "assistant"][-1]
+        assert reply.get("content") == "Two things. "
+        assert [call["id"] for call in reply["tool_calls"]] == ["c1", "c2"]
+        answered = [message["tool_call_id"] for message in messages if message["role"] == "tool"]
+        assert answered == ["c1"] * len(earlier) + ["c1", "c2"]
 
 
 async def test_the_question_asked_again_wins_whatever_the_clocks_say(
@@ -557,3 +632,30 @@ async def _decide(harness: Harness, session_id: str, approval_id: str, decision:
         headers=harness.account.headers,
     )
     assert decided.status_code == 200, decided.text
+
+
+async def test_a_run_every_stop_cuts_off_still_ends(database: TestDatabase, tmp_path: Path) -> None:
+    """With COUNTERSIGN_RUN_MAX_ATTEMPTS=1 and a model that never answers: the first stop
+    hands the run back for free, the second counts as its one retry, and the next start fails
+    it with a sentence instead of asking the model a third time (a process stopped in every
+    model call, e.g. by a liveness probe, cannot keep a run going forever)."""
+    with FakeOpenAI() as server:
+        server.script(hang("one"), hang("two"), text("never asked"))
+        settings = fake_model_settings(server, run_max_attempts=1, shutdown_grace_seconds=0)
+
+        async def asked(n: int) -> bool:
+            return len(server.requests) >= n
+
+        async with running_app(database, tmp_path, **settings) as harness:
+            owner = harness.account
+            session_id = await new_session(harness.client, owner)
+            run_id = (await send(harness.client, owner, session_id, "hello"))["run"]["id"]
+            await wait_until(lambda: asked(1), what="the first model call")
+        async with running_app(database, tmp_path, **settings):
+            await wait_until(lambda: asked(2), what="the model asked again")
+        async with running_app(database, tmp_path, **settings) as restarted:
+            harness = Harness(restarted.app, restarted.client, owner, restarted.settings)
+            run = await wait_for_end(harness, session_id, run_id)
+        assert run["status"] == "failed", run
+        assert str(run["error"]).startswith("the run was tried once and never finished"), run
+        assert len(server.requests) == 2

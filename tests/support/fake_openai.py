@@ -52,6 +52,8 @@ class ToolCall:
     fragment_size: int = 8
     saying: tuple[str, ...] = ()
     """Text chunks streamed before the call (the model saying what it is about to do)."""
+    also: tuple[ToolCall, ...] = ()
+    """More calls in the same response, after this one."""
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,12 @@ def tool_call(
     call_id: str = "call_fake_1",
     fragment_size: int = 8,
     saying: Sequence[str] = (),
+    also: Sequence[ToolCall] = (),
 ) -> ToolCall:
     """A tool-call answer (after the text chunks ``saying``, if any); ``arguments`` is a
-    mapping (sent as JSON) or raw JSON text."""
+    mapping (sent as JSON) or raw JSON text; ``also``: more calls in the same response."""
     raw = arguments if isinstance(arguments, str) else json.dumps(dict(arguments or {}))
-    return ToolCall(name, raw, call_id, fragment_size, tuple(saying))
+    return ToolCall(name, raw, call_id, fragment_size, tuple(saying), tuple(also))
 
 
 _DEFAULT_ERRORS = {
@@ -380,18 +383,19 @@ def _deltas(reply: Text | ToolCall | Hang) -> Iterator[dict[str, Any]]:
     if isinstance(reply, ToolCall):
         for chunk in reply.saying:
             yield {"content": chunk}
-        yield {
-            "tool_calls": [
-                {
-                    "index": 0,
-                    "id": reply.call_id,
-                    "type": "function",
-                    "function": {"name": reply.name, "arguments": ""},
-                }
-            ]
-        }
-        for fragment in _fragments(reply.arguments, reply.fragment_size):
-            yield {"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}
+        for index, call in enumerate((reply, *reply.also)):
+            yield {
+                "tool_calls": [
+                    {
+                        "index": index,
+                        "id": call.call_id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": ""},
+                    }
+                ]
+            }
+            for fragment in _fragments(call.arguments, call.fragment_size):
+                yield {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}
         return
     for chunk in reply.chunks:
         yield {"content": chunk}
@@ -420,10 +424,11 @@ def _completion(reply: Text | ToolCall, model: str, completion_id: str) -> dict[
         message["content"] = "".join(reply.saying) or None
         message["tool_calls"] = [
             {
-                "id": reply.call_id,
+                "id": call.call_id,
                 "type": "function",
-                "function": {"name": reply.name, "arguments": reply.arguments},
+                "function": {"name": call.name, "arguments": call.arguments},
             }
+            for call in (reply, *reply.also)
         ]
         finish = "tool_calls"
     else:

@@ -38,7 +38,13 @@ from countersign.agent.tools import (
     TurnDeps,
     build_toolset,
 )
-from countersign.domain.models import OUTCOME_UNKNOWN, POLICY_ASK, JSONObject, ToolSetting
+from countersign.domain.models import (
+    NOT_STARTED,
+    OUTCOME_UNKNOWN,
+    POLICY_ASK,
+    JSONObject,
+    ToolSetting,
+)
 
 TurnAgent = Agent[TurnDeps, str | DeferredToolRequests]
 """A profile made ready to run turns; build it once and reuse it (it costs more than a turn)."""
@@ -118,6 +124,8 @@ class JournaledCall:
     """What it returned; None when it never finished, or was stopped (outcome unknown)."""
     seq: int = 0
     """Where in the run's event log the call was journaled."""
+    started: bool = True
+    """False for a call of the same model response that never reached its tool."""
 
 
 def new_calls(
@@ -139,7 +147,8 @@ def recovered_turn(
     """Where an attempt that stopped inside its tool calls left the turn, rebuilt from the
     journal: the model's response that made the calls (with the ``text`` it streamed before
     them), the results of the calls that finished, and a new request to a person for each call
-    whose outcome is unknown (approving runs it again; nothing runs again by itself).
+    whose outcome is unknown (approving runs it again; nothing runs again by itself) and for
+    each call of that response that never reached its tool (nothing runs by itself either).
 
     ``prompt`` is the user's message when the history does not have it yet (the calls came
     from a new run's first response, before anything of the run was stored).
@@ -166,9 +175,14 @@ def recovered_turn(
         messages=[*messages, *new],
         reply=None,
         requests=tuple(
-            ToolRequest(call.call_id, call.tool, call.arguments, OUTCOME_UNKNOWN)
+            ToolRequest(
+                call.call_id,
+                call.tool,
+                call.arguments,
+                OUTCOME_UNKNOWN if call.started else NOT_STARTED,
+            )
             for call in calls
-            if call.output is None
+            if call.output is None and (call.started or call in made)
         ),
     )
 

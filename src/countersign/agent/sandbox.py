@@ -33,7 +33,8 @@ _SYSTEM_FILES = (
     "/etc/ld.so.conf",
     "/etc/ld.so.conf.d",
     "/etc/localtime",
-    "/etc/ssl",
+    "/etc/ssl/certs",  # not the whole of /etc/ssl: /etc/ssl/private holds keys
+    "/etc/ssl/openssl.cnf",
     "/etc/ca-certificates",
     "/etc/passwd",
     "/etc/group",

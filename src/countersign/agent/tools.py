@@ -29,6 +29,7 @@ from typing import Any, NoReturn, Protocol
 import anyio
 from pydantic import ValidationError
 from pydantic_ai import ApprovalRequired, RunContext, Tool
+from pydantic_ai.messages import ModelResponse
 from pydantic_ai.tools import ToolFuncContext
 from pydantic_ai.toolsets import FunctionToolset, ToolsetTool
 from pydantic_core import to_jsonable_python
@@ -47,8 +48,20 @@ ASKED_BECAUSE = "asked_because"
 class ToolJournal(Protocol):
     """Where a tool call is recorded (the executor's turn)."""
 
-    async def tool_started(self, *, call_id: str, tool: str, arguments: dict[str, Any]) -> None:
-        """A tool is about to run with these (validated) arguments: commit it before returning."""
+    async def tool_started(
+        self,
+        *,
+        call_id: str,
+        tool: str,
+        arguments: dict[str, Any],
+        other_calls: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """A tool is about to run with these (validated) arguments: commit it before returning.
+
+        ``other_calls``: the other calls (``tool``, ``arguments``, ``call_id``) of the model
+        response that made this one, which may not reach a tool before a crash (a call that
+        asks, one waiting its turn): the journal keeps them so that recovery loses none.
+        """
 
     async def tool_finished(
         self, *, call_id: str, tool: str, output: str, stopped: bool = False
@@ -457,7 +470,12 @@ class _BuiltinToolset(FunctionToolset[TurnDeps]):
         journal = ctx.deps.journal
         arguments: dict[str, Any] = to_jsonable_python(tool_args)
         refusal = self._refusal(name, arguments, ctx)
-        await journal.tool_started(call_id=call_id, tool=name, arguments=arguments)
+        await journal.tool_started(
+            call_id=call_id,
+            tool=name,
+            arguments=arguments,
+            other_calls=self._other_calls(call_id, ctx),
+        )
         try:
             output = refusal or await self._output(name, tool_args, ctx, tool)
         except BaseException as exc:
@@ -470,6 +488,26 @@ class _BuiltinToolset(FunctionToolset[TurnDeps]):
             raise
         await journal.tool_finished(call_id=call_id, tool=name, output=output)
         return output
+
+    def _other_calls(self, call_id: str, ctx: RunContext[TurnDeps]) -> list[dict[str, Any]]:
+        """The other calls, of this agent's tools that are not denied, of the new model
+        response that made this one. An approved call comes from a response already stored:
+        nothing to add."""
+        if ctx.tool_call_approved:
+            return []
+        response = next(
+            (message for message in reversed(ctx.messages) if isinstance(message, ModelResponse)),
+            None,
+        )
+        if response is None:
+            return []
+        return [
+            {"tool": call.tool_name, "arguments": call.args_as_dict(), "call_id": call.tool_call_id}
+            for call in response.tool_calls
+            if call.tool_call_id != call_id
+            and call.tool_name in self.tools
+            and call.tool_name not in self._denied  # refused, never run: nothing to ask
+        ]
 
     def _refusal(
         self, name: str, arguments: dict[str, Any], ctx: RunContext[TurnDeps]

@@ -591,6 +591,7 @@ class RunRepository:
                 lease_expires_at=lease_until,
                 history_seq=None,
                 retries=0,
+                handbacks=0,
                 last_seq=0,
                 checkpoint_seq=0,
                 created_at=run.created_at,
@@ -724,13 +725,18 @@ class RunRepository:
         ]
 
     async def release_lease(
-        self, run_id: RunId, lease: Lease, *, at: datetime, a_retry: bool = True
+        self, run_id: RunId, lease: Lease, *, at: datetime, free_handbacks: int | None = None
     ) -> None:
         """Let the run go: claimable again at once (still ``running``: the claim that takes
-        it over counts a retry, unless ``a_retry`` is False, as when a shutdown let it go)."""
+        it over counts a retry). A shutdown letting it go passes ``free_handbacks``: so many
+        hand-backs of a run are not retries, later ones are."""
         values: dict[str, Any] = {"owner": None, "lease_expires_at": at}
-        if not a_retry:
-            values["retries"] = _RUNS.c.retries - 1  # the takeover's +1 makes it even
+        if free_handbacks is not None:
+            values["handbacks"] = _RUNS.c.handbacks + 1
+            # The takeover's +1 makes it even while the run has free hand-backs left.
+            values["retries"] = _RUNS.c.retries - case(
+                (_RUNS.c.handbacks < free_handbacks, 1), else_=0
+            )
         await self._db.execute(update(_RUNS).where(*_fenced(run_id, lease)).values(**values))
 
     async def extend_leases(

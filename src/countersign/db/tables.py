@@ -203,6 +203,9 @@ class RunRow(Base):
     retries: Mapped[int] = mapped_column(Integer, default=0)
     """How often the run was claimed again after its process stopped or let it go (not
     counting resumptions after a decision): at most ``COUNTERSIGN_RUN_MAX_ATTEMPTS`` tries."""
+    handbacks: Mapped[int] = mapped_column(Integer, default=0)
+    """How often a stopping process handed the run back: the first
+    ``COUNTERSIGN_RUN_MAX_ATTEMPTS`` are not retries, later ones are."""
     history_seq: Mapped[int | None] = mapped_column(Integer)
     """How far the run's stored checkpoint reaches: the session's model messages up to this
     ``seq`` (None: nothing stored yet, a retry starts from the user's message)."""

@@ -373,6 +373,12 @@ OUTCOME_UNKNOWN = (
 )
 """Why a call waits for a person again: an attempt stopped inside it (SPEC invariant 6)."""
 
+NOT_STARTED = (
+    "not started: the server stopped before this call ran (another call of the same reply "
+    "was running); approve to run it, reject to tell the model it did not run"
+)
+"""Why a call of a reply cut off by a crash asks: it never reached its tool."""
+
 
 @dataclass(frozen=True, slots=True)
 class Approval:

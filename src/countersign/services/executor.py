@@ -555,6 +555,9 @@ class _Turn:
         """The run that stored the session's newest model message."""
         self.streamed = False
         """Whether this attempt has streamed any text yet."""
+        self.announced: set[str] = set()
+        """The calls of the model's current reply this attempt has journaled, or named as
+        another's other calls (cleared at each checkpoint: providers may reuse call ids)."""
         self.write_error: Exception | None = None
         """Why a write failed: the turn stops at its next step (nothing is written twice,
         since a failed commit may have committed after all)."""
@@ -576,11 +579,23 @@ class _Turn:
         elif self.flush_task is None or self.flush_task.done():
             self.flush_task = asyncio.create_task(self._flush_later())
 
-    async def tool_started(self, *, call_id: str, tool: str, arguments: dict[str, Any]) -> None:
-        """Commit the tool call before the tool runs."""
-        event = NewEvent(
-            EventType.TOOL_CALL, {"tool": tool, "arguments": arguments, "call_id": call_id}
-        )
+    async def tool_started(
+        self,
+        *,
+        call_id: str,
+        tool: str,
+        arguments: dict[str, Any],
+        other_calls: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """Commit the tool call before the tool runs; the first call of a model response
+        also names the response's other calls, so that a crash loses none of them."""
+        data: JSONObject = {"tool": tool, "arguments": arguments, "call_id": call_id}
+        unnamed = [call for call in other_calls if call["call_id"] not in self.announced]
+        if call_id not in self.announced and unnamed:
+            data["other_calls"] = unnamed
+        self.announced.add(call_id)
+        self.announced.update(call["call_id"] for call in unnamed)
+        event = NewEvent(EventType.TOOL_CALL, data)
         self.tools_since_checkpoint = True
         self.tools_running += 1
         await self.flush(event)
@@ -607,6 +622,7 @@ class _Turn:
         With no tool call since the last stored checkpoint, a retry from the older one repeats
         nothing but model calls: this one then goes with the next batch, a transaction fewer.
         """
+        self.announced.clear()  # the model is asked again: its next reply's call ids are new
         if self.tools_since_checkpoint:
             await self._write([], checkpoint=_Messages(start, messages))
         elif (
@@ -625,11 +641,15 @@ class _Turn:
     async def hand_back(self, *, a_retry: bool = True) -> None:
         """Give the run up so that a retry need not wait for the lease to run out (best
         effort: when the database is away, the lease runs out by itself). A run handed back
-        by a shutdown (``a_retry=False``) did not fail: its next claim is not counted."""
+        by a shutdown (``a_retry=False``) did not fail: its next claim is not counted, the
+        first ``max_attempts`` times (a run every stop cuts off still ends)."""
         try:
             async with self.deps.uow_factory() as uow:
                 await uow.runs.release_lease(
-                    self.run_id, self.lease, at=self.deps.clock.now(), a_retry=a_retry
+                    self.run_id,
+                    self.lease,
+                    at=self.deps.clock.now(),
+                    free_handbacks=None if a_retry else self.executor.options.max_attempts,
                 )
                 await uow.commit()
         except CountersignError as error:
@@ -1133,21 +1153,38 @@ async def _journaled_calls(uow: UnitOfWork, claimed: ClaimedRun) -> tuple[Journa
         if event.type is EventType.TOOL_RESULT
     }
     calls: dict[str, JournaledCall] = {}
+    not_started: dict[str, JournaledCall] = {}
     for event in events:
         if event.type is not EventType.TOOL_CALL:
             continue
         call_id = str(event.data.get("call_id"))
         result = results.get(call_id)
         finished = result is not None and not result.get("stopped")
-        arguments = event.data.get("arguments")
         calls[call_id] = JournaledCall(
             call_id=call_id,
             tool=str(event.data.get("tool")),
-            arguments=arguments if isinstance(arguments, dict) else {},
+            arguments=_object(event.data.get("arguments")),
             output=str(result.get("output")) if finished and result is not None else None,
             seq=event.seq,
         )
-    return tuple(calls.values())
+        others = event.data.get("other_calls")
+        for other in others if isinstance(others, list) else []:
+            if isinstance(other, dict):
+                not_started[str(other.get("call_id"))] = JournaledCall(
+                    call_id=str(other.get("call_id")),
+                    tool=str(other.get("tool")),
+                    arguments=_object(other.get("arguments")),
+                    output=None,
+                    seq=event.seq,
+                    started=False,
+                )
+    # The response's calls that never reached their tool (one that asks, one waiting its turn).
+    never = [call for call_id, call in not_started.items() if call_id not in calls]
+    return (*calls.values(), *never)
+
+
+def _object(value: object) -> JSONObject:
+    return value if isinstance(value, dict) else {}
 
 
 def _answer(approval: Approval) -> Answer:
