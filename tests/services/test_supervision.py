@@ -437,16 +437,7 @@ async def test_a_call_cut_off_by_a_stop_asks_again_with_the_words_of_its_own_res
             run_id = (await send(harness.client, owner, session_id, "go"))["run"]["id"]
             first = await _pending(harness, session_id)
             await _decide(harness, session_id, first["id"], "approve")
-            async with Peer(database) as peer:
-
-                async def command_started() -> bool:
-                    calls = await peer.count(
-                        "SELECT count(*) FROM events WHERE run_id = ? AND type = 'tool.call'",
-                        run_id,
-                    )
-                    return calls >= 2
-
-                await wait_until(command_started, what="the command to start")
+            await _tool_calls_journaled(database, run_id, 2)
         # The app stopped in the command: it is recorded as stopped and the run handed back.
         async with running_app(database, tmp_path, **settings) as restarted:
             harness = Harness(restarted.app, restarted.client, owner, restarted.settings)
@@ -462,6 +453,19 @@ async def test_a_call_cut_off_by_a_stop_asks_again_with_the_words_of_its_own_res
             for call in message.get("tool_calls") or []
         }
         assert said == {"c1": "Earlier words. ", "c2": "Now the slow one. "}
+
+
+async def _tool_calls_journaled(database: TestDatabase, run_id: str, count: int) -> None:
+    """Wait until the run has journaled ``count`` tool calls (the last one is running)."""
+    async with Peer(database) as peer:
+
+        async def started() -> bool:
+            calls = await peer.count(
+                "SELECT count(*) FROM events WHERE run_id = ? AND type = 'tool.call'", run_id
+            )
+            return calls >= count
+
+        await wait_until(started, what=f"{count} tool call(s) to start")
 
 
 async def _mixed_session(harness: Harness) -> str:
@@ -535,16 +539,7 @@ async def test_a_reply_cut_off_by_a_stop_loses_none_of_its_calls(
             owner = harness.account
             session_id = await _mixed_session(harness)
             run_id = (await send(harness.client, owner, session_id, "go"))["run"]["id"]
-            async with Peer(database) as peer:
-
-                async def command_started() -> bool:
-                    calls = await peer.count(
-                        "SELECT count(*) FROM events WHERE run_id = ? AND type = 'tool.call'",
-                        run_id,
-                    )
-                    return calls >= 1 + len(earlier)
-
-                await wait_until(command_started, what="the command to start")
+            await _tool_calls_journaled(database, run_id, 1 + len(earlier))
         async with running_app(database, tmp_path, **settings) as restarted:
             harness = Harness(restarted.app, restarted.client, owner, restarted.settings)
             asked = {

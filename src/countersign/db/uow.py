@@ -8,6 +8,8 @@ Driver errors that escape the block are translated into domain errors here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
@@ -32,6 +34,8 @@ from countersign.db.repositories import (
     UserRepository,
 )
 from countersign.domain.errors import Unavailable
+
+logger = logging.getLogger(__name__)
 
 UnitOfWorkFactory = Callable[..., "UnitOfWork"]
 
@@ -128,16 +132,16 @@ class UnitOfWork:
     ) -> None:
         db_session = self._require_session()
         self._db_session = None
-        rollback_error: SQLAlchemyError | OSError | None = None
-        try:
-            # A no-op after commit; otherwise it undoes everything this unit of work wrote.
-            await db_session.rollback()
-        except (SQLAlchemyError, OSError) as error:
-            rollback_error = error  # e.g. the connection died; the pool discards it
-        finally:
-            await db_session.close()
-            if self._writer_lock is not None:
-                self._writer_lock.release()
+        if isinstance(exc, asyncio.CancelledError):
+            # Cancelled (a shutdown, a lost lease, a client gone), maybe in mid-statement, and
+            # maybe cancelled again while cleaning up (a cancel scope cancels every await):
+            # the cleanup runs to its end in a task of its own, whatever befalls this one.
+            cleanup = asyncio.ensure_future(self._clean_up(db_session))
+            cleanup.add_done_callback(_retrieve)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(cleanup)
+            return
+        rollback_error = await self._clean_up(db_session)
         if isinstance(exc, SQLAlchemyError | OSError):
             translated = translate_error(exc)
             if translated is not exc:
@@ -145,6 +149,20 @@ class UnitOfWork:
             # An error nobody expected: it goes on as it is (the caller logs it).
         if exc is None and rollback_error is not None:
             raise translate_error(rollback_error) from rollback_error
+
+    async def _clean_up(self, db_session: AsyncSession) -> SQLAlchemyError | OSError | None:
+        """Roll back (a no-op after commit; otherwise it undoes everything this unit of work
+        wrote), close, let the writer lock go; the rollback's error, if it failed."""
+        rollback_error: SQLAlchemyError | OSError | None = None
+        try:
+            await db_session.rollback()
+        except (SQLAlchemyError, OSError) as error:
+            rollback_error = error  # e.g. the connection died; the pool discards it
+        finally:
+            await db_session.close()
+            if self._writer_lock is not None:
+                self._writer_lock.release()
+        return rollback_error
 
     def _require_session(self) -> AsyncSession:
         if self._db_session is None:
@@ -197,3 +215,9 @@ def unit_of_work_factory(
         )
 
     return open_unit_of_work
+
+
+def _retrieve(cleanup: asyncio.Future[SQLAlchemyError | OSError | None]) -> None:
+    """Take a cancelled unit of work's cleanup outcome (so that asyncio does not report it)."""
+    if not cleanup.cancelled() and cleanup.exception() is not None:
+        logger.info("a cancelled unit of work was closed with an error; its connection is gone")
