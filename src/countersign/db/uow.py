@@ -138,7 +138,8 @@ class UnitOfWork:
             # the cleanup runs to its end in a task of its own, whatever befalls this one.
             cleanup = asyncio.ensure_future(self._clean_up(db_session))
             cleanup.add_done_callback(_retrieve)
-            with contextlib.suppress(asyncio.CancelledError):
+            # Its errors are the cleanup task's to report: the cancel goes on as it is.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(cleanup)
             return
         rollback_error = await self._clean_up(db_session)
