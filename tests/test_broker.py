@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from countersign.broker import MAX_HANDED_EVENTS, OUTBOX_LIMIT, LocalBroker, PostgresBroker
@@ -80,6 +81,42 @@ async def test_a_process_is_not_woken_twice_by_its_own_notification(
         assert await follower.next(5) == [stored_event(run_id, 1)]
         # The NOTIFY comes back to this process too; it must not wake the follower again.
         assert await follower.next(0.5) is None
+
+
+async def test_wake_ups_a_write_sends_itself_wake_the_others_and_not_this_process(
+    database: TestDatabase, brokers: tuple[PostgresBroker, PostgresBroker]
+) -> None:
+    """A write sends its wake-ups in its own statement (``wakeups``), on a connection of the
+    pool, not the broker's: the other process is woken, this one (already woken in memory)
+    is not woken again, whichever connection the notification came from."""
+    here, there = brokers
+    run_id = RunId(new_id())
+    dsn = normalise_database_url(database.url).replace("+asyncpg", "", 1)
+    writer = await asyncpg.connect(dsn)
+    try:
+        async with here.follow(run_id) as mine, there.follow(run_id) as theirs:
+            for broker in brokers:  # the wake-up each gave itself when it connected
+                await broker.wait_for_work(0)
+            their_work = asyncio.create_task(there.wait_for_work(30))
+            my_work = asyncio.create_task(here.wait_for_work(30))
+            await asyncio.sleep(0.1)
+            wakeups = here.wakeups(run_id, changes=True, work=True)
+            assert {channel for channel, _payload in wakeups} == {
+                "countersign_runs",
+                "countersign_changes",
+                "countersign_work",
+            }
+            for channel, payload in wakeups:
+                await writer.execute("SELECT pg_notify($1, $2)", channel, payload)
+            assert await theirs.next(10) == []
+            async with asyncio.timeout(10):
+                await their_work
+            assert await mine.next(0.5) is None
+            assert not my_work.done()  # its own work wake-up came back and was left alone
+            my_work.cancel()
+    finally:
+        await writer.close()
+    assert LocalBroker().wakeups(run_id, changes=True, work=True) == []
 
 
 async def test_local_followers_get_the_committed_events_in_order() -> None:

@@ -543,3 +543,32 @@ async def test_another_users_ids_answer_exactly_like_missing_ones_and_change_not
     assert [item["id"] for item in pending.json()["items"]] == [alice_ids["approval_id"]]
     keys = await client.get(f"{API}/api-keys", headers=alice.headers)
     assert alice_ids["key_id"] in {item["id"] for item in keys.json()["items"]}
+
+
+async def test_a_message_to_another_users_session_without_a_key_writes_nothing(
+    client: httpx.AsyncClient, make_account: MakeAccount, database: TestDatabase
+) -> None:
+    """A message without an Idempotency-Key starts its run in one statement (on PostgreSQL,
+    writes that happen only if the session is the caller's): to A's session, from B, it
+    answers 404 exactly like a missing session, as JSON and as a stream, and writes nothing."""
+    alice, bob = await make_account(), await make_account()
+    session = await client.post(f"{API}/sessions", json={}, headers=alice.headers)
+    assert session.status_code == 201, session.text
+    theirs = f"{API}/sessions/{session.json()['id']}/messages"
+    missing = f"{API}/sessions/{uuid.uuid4()}/messages"
+    before = await snapshot(database)
+    for accept in ({}, {"Accept": "text/event-stream"}):
+        headers = {**bob.headers, **accept}
+        answer = await client.post(theirs, json={"content": "hello from B"}, headers=headers)
+        absent = await client.post(missing, json={"content": "hello from B"}, headers=headers)
+        assert answer.status_code == 404, answer.text
+        assert_error(answer, 404, "not_found")
+        assert answer.content == absent.content
+    after = await snapshot(database)
+    assert_same_rows(
+        without_own_authentication(before, bob.user.id),
+        without_own_authentication(after, bob.user.id),
+    )
+    # The session is still A's to use.
+    mine = await client.post(theirs, json={"content": "hello"}, headers=alice.headers)
+    assert mine.status_code == 202, mine.text

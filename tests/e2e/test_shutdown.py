@@ -160,7 +160,7 @@ async def test_sigterm_hands_runs_back_finishes_tools_and_loses_nothing(
                 assert [(e.id, e.event) for e in before + rest] == [
                     (e.seq, e.type.value) for e in stored
                 ]
-                assert stored[-1].type is EventType.RUN_FINISHED, stored[-1]
+                assert stored[-1].type is EventType.RUN_FINISHED, (stored[-1], a.tail(), b.tail())
                 assert assistant_text(stored) == expected
             takeover = time.monotonic() - began
             print(f"handed back: {len(handed_back)} runs; all finished {takeover:.2f} s after B")

@@ -7,8 +7,10 @@ so that a write can never be a silent no-op. Driver errors become domain errors 
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +22,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
     or_,
     select,
     text,
@@ -50,7 +53,14 @@ from countersign.domain.errors import (
     LeaseLost,
     NotFound,
 )
-from countersign.domain.events import EventType, NewEvent, RunBatch, RunEvent
+from countersign.domain.events import (
+    AssistantReply,
+    EventType,
+    NewEvent,
+    RunBatch,
+    RunEvent,
+    Wakeup,
+)
 from countersign.domain.models import (
     AccessToken,
     AccessTokenId,
@@ -549,6 +559,7 @@ class MessageRepository:
 
 _RUNS: Table = Base.metadata.tables[RunRow.__tablename__]
 """Hot statements use the Core table, not the ORM class: no ORM bulk bookkeeping."""
+_MESSAGES: Table = Base.metadata.tables[MessageRow.__tablename__]
 _INSERT_MODEL_MESSAGE = insert(Base.metadata.tables[ModelMessageRow.__tablename__])
 _INSERT_EVENT = insert(Base.metadata.tables[EventRow.__tablename__])
 _PG_INSERT_EVENTS = text(
@@ -558,6 +569,124 @@ _PG_INSERT_EVENTS = text(
     "CAST(:created AS timestamptz[]))"
 )
 """Built once: executed with a list of rows it is an executemany, compiled once per process."""
+
+
+_PG_INSERT_EVENTS_AND_NOTIFY = text(
+    "WITH written AS (" + _PG_INSERT_EVENTS.text + ") "
+    "SELECT count(pg_notify(n.channel, n.payload)) "
+    "FROM unnest(CAST(:channels AS text[]), CAST(:payloads AS text[])) AS n(channel, payload)"
+)
+"""The events and the wake-ups of other processes (sent at commit), in one statement."""
+_PG_NOTIFY = text(
+    "SELECT count(pg_notify(n.channel, n.payload)) "
+    "FROM unnest(CAST(:channels AS text[]), CAST(:payloads AS text[])) AS n(channel, payload)"
+)
+_PG_SET = {
+    "history_seq": "history_seq = CAST(:history_seq AS integer)",
+    "status": "status = CAST(:status AS varchar)",
+    "error": "error = CAST(:error AS text)",
+    "finished_at": "finished_at = CAST(:finished_at AS timestamptz)",
+    "owner": "owner = NULL",
+    "lease_expires_at": "lease_expires_at = NULL",
+}
+"""The run values a one-statement write sets (the lease only ever released)."""
+
+
+@functools.cache
+def _pg_write(
+    values: frozenset[str], *, checkpoint: bool, reply: bool, history: bool, notify: bool
+) -> Any:
+    """A run's batch in one statement on PostgreSQL (``RunRepository.write``): the fenced
+    UPDATE of the run, then (only if it matched) the assistant's message, the events, the
+    model messages and the wake-ups. The sub-statements see one snapshot and commit together.
+    Built once for each shape (which values, which parts), so that it sets only what it must.
+    """
+    changes = [
+        "last_seq = runs.last_seq + CAST(:count AS integer)",
+        "updated_at = CAST(:at AS timestamptz)",
+    ]
+    if checkpoint:
+        changes.append("checkpoint_seq = runs.last_seq + CAST(:checkpoint_after AS integer)")
+    changes.extend(_PG_SET[name] for name in sorted(values))
+    # Only the constant fragments above go into the text; every value is a bound parameter.
+    parts = [
+        f"""bumped AS (
+    UPDATE runs SET {", ".join(changes)}
+    WHERE runs.id = CAST(:run_id AS uuid) AND runs.owner = CAST(:owner AS varchar)
+        AND runs.attempt = CAST(:attempt AS integer) AND runs.status = 'running'
+    RETURNING runs.last_seq, runs.attempt
+)"""  # noqa: S608
+    ]
+    data = "e.data"
+    reply_seq = "CAST(NULL AS integer)"
+    if reply:
+        parts.append(
+            """reply AS (
+    INSERT INTO messages (id, session_id, seq, role, content, run_id, created_at)
+    SELECT CAST(:message_id AS uuid), CAST(:session_id AS uuid),
+        (SELECT coalesce(max(m.seq), 0) + 1 FROM messages AS m
+            WHERE m.session_id = CAST(:session_id AS uuid)),
+        'assistant', CAST(:content AS text), CAST(:run_id AS uuid), CAST(:at AS timestamptz)
+    FROM bumped
+    RETURNING messages.seq
+)"""
+        )
+        data = (
+            "CASE WHEN e.type = 'message.completed' "
+            "THEN e.data || jsonb_build_object('seq', (SELECT reply.seq FROM reply)) "
+            "ELSE e.data END"
+        )
+        reply_seq = "(SELECT reply.seq FROM reply)"
+    parts.append(
+        f"""written AS (
+    INSERT INTO events (run_id, seq, type, attempt, data, created_at)
+    SELECT CAST(:run_id AS uuid), bumped.last_seq - CAST(:count AS integer) + e.ord, e.type,
+        bumped.attempt, {data}, CAST(:at AS timestamptz)
+    FROM bumped, unnest(CAST(:types AS varchar[]), CAST(:datas AS jsonb[])) WITH ORDINALITY
+        AS e(type, data, ord)
+)"""  # noqa: S608
+    )
+    if history:
+        parts.append(
+            """history AS (
+    INSERT INTO model_messages (session_id, seq, run_id, data, created_at)
+    SELECT CAST(:session_id AS uuid), CAST(:messages_after AS integer) + h.ord,
+        CAST(:run_id AS uuid), h.data, CAST(:at AS timestamptz)
+    FROM bumped, unnest(CAST(:messages AS jsonb[])) WITH ORDINALITY AS h(data, ord)
+)"""
+        )
+    notified = "0"
+    if notify:
+        parts.append(
+            """notified AS (
+    SELECT pg_notify(n.channel, n.payload) FROM bumped,
+        unnest(CAST(:channels AS text[]), CAST(:payloads AS text[])) AS n(channel, payload)
+)"""
+        )
+        notified = "(SELECT count(*) FROM notified)"
+    return text(
+        "WITH "
+        + ",\n".join(parts)
+        + f"\nSELECT bumped.last_seq, bumped.attempt, {reply_seq}, {notified} FROM bumped"
+    )
+
+
+ONE_STATEMENT_VALUES = frozenset(
+    {"status", "history_seq", "error", "finished_at", "owner", "lease_expires_at"}
+)
+
+
+def fits_one_statement(batch: RunBatch) -> bool:
+    """Whether ``RunRepository.write`` writes this batch in one statement on PostgreSQL: no
+    model messages to replace, and run values of the kinds a turn's end sets (the lease
+    released as a whole, or not at all)."""
+    values = batch.values or {}
+    releases = [values.get(key, ...) for key in ("owner", "lease_expires_at")]
+    return (
+        not batch.truncate
+        and values.keys() <= ONE_STATEMENT_VALUES
+        and (releases == [..., ...] or releases == [None, None])
+    )
 
 
 class RunRepository:
@@ -813,10 +942,11 @@ class RunRepository:
         return stored
 
     async def append_many(
-        self, batches: list[RunBatch], *, at: datetime
+        self, batches: list[RunBatch], *, at: datetime, notify: Sequence[Wakeup] = ()
     ) -> list[list[RunEvent] | LeaseLost]:
         """The executor's batches of several runs at once, each as in ``append`` under its
-        lease (plus its model messages), with one INSERT of all their events.
+        lease (plus its model messages), with one INSERT of all their events, and the
+        wake-ups ``notify`` (sent at commit).
 
         A run whose lease is gone gets LeaseLost in its place and writes nothing; the others
         are not affected. The runs are written (so locked) in id order, as the lease keeper
@@ -858,10 +988,149 @@ class RunRepository:
                     at=at,
                 )
             )
-        await self._insert_events(every)
         if messages:
             await self._db.execute(_INSERT_MODEL_MESSAGE, messages)
+        if every and notify and self._db.get_bind().dialect.name == "postgresql":
+            await self._insert_events(every, notify=notify)  # one statement for both
+        else:
+            await self._insert_events(every)
+            await self._notify(notify)
         return results
+
+    async def write(
+        self,
+        batch: RunBatch,
+        *,
+        at: datetime,
+        notify: Sequence[Wakeup] = (),
+        reply: AssistantReply | None = None,
+    ) -> list[RunEvent]:
+        """One run's batch under its lease (as ``append_many``), with the wake-ups ``notify``
+        and, with ``reply``, the assistant's message: the batch's ``message.completed`` event
+        gets its ``seq``. LeaseLost (and nothing written) unless the run is still held.
+
+        On PostgreSQL a batch that ``fits_one_statement`` is written by one statement (in
+        autocommit: one round trip, its own transaction); anything else takes several, in the
+        unit of work's transaction. The run is written first (so locked first), then the rest.
+        """
+        if fits_one_statement(batch) and self._db.get_bind().dialect.name == "postgresql":
+            return await self._write_one_statement(batch, at=at, notify=notify, reply=reply)
+        stored = await self._bump(
+            batch.run_id,
+            batch.events,
+            _fenced(batch.run_id, batch.lease),
+            at=at,
+            values=batch.values,
+            checkpoint_after=batch.checkpoint_after,
+        )
+        if stored is None:
+            raise LeaseLost(f"run {batch.run_id} is no longer held by {batch.lease.owner}")
+        if reply is not None:
+            message = await MessageRepository(self._db).add_next(
+                message_id=reply.message_id,
+                session_id=batch.session_id,
+                role=MessageRole.ASSISTANT,
+                content=reply.content,
+                run_id=batch.run_id,
+                at=at,
+            )
+            stored = [_with_message_seq(event, message.seq) for event in stored]
+        await self._insert_events(stored)
+        if batch.truncate:
+            await self._db.execute(
+                delete(ModelMessageRow).where(
+                    ModelMessageRow.session_id == batch.session_id,
+                    ModelMessageRow.seq > batch.messages_after,
+                )
+            )
+        if batch.messages:
+            await self._db.execute(
+                _INSERT_MODEL_MESSAGE,
+                _model_message_rows(
+                    batch.session_id,
+                    batch.run_id,
+                    batch.messages,
+                    after=batch.messages_after,
+                    at=at,
+                ),
+            )
+        await self._notify(notify)
+        return stored
+
+    async def _write_one_statement(
+        self,
+        batch: RunBatch,
+        *,
+        at: datetime,
+        notify: Sequence[Wakeup],
+        reply: AssistantReply | None,
+    ) -> list[RunEvent]:
+        values = batch.values or {}
+        events = [(event.type, storable(event.data)) for event in batch.events]
+        params: dict[str, Any] = {
+            "run_id": batch.run_id,
+            "owner": batch.lease.owner,
+            "attempt": batch.lease.attempt,
+            "count": len(events),
+            "at": at,
+            "types": [kind.value for kind, _data in events],
+            "datas": [json.dumps(data) for _kind, data in events],
+        }
+        if batch.checkpoint_after is not None:
+            params["checkpoint_after"] = batch.checkpoint_after
+        for name in ("history_seq", "status", "finished_at"):
+            if name in values:
+                params[name] = values[name]
+        if "error" in values:
+            params["error"] = None if values["error"] is None else storable(values["error"])
+        if reply is not None or batch.messages:
+            params["session_id"] = batch.session_id
+        if reply is not None:
+            params["message_id"] = reply.message_id
+            params["content"] = storable(reply.content)
+        if batch.messages:
+            params["messages_after"] = batch.messages_after
+            params["messages"] = [json.dumps(storable(message)) for message in batch.messages]
+        if notify:
+            params["channels"] = [channel for channel, _payload in notify]
+            params["payloads"] = [payload for _channel, payload in notify]
+        statement = _pg_write(
+            frozenset(values),
+            checkpoint=batch.checkpoint_after is not None,
+            reply=reply is not None,
+            history=bool(batch.messages),
+            notify=bool(notify),
+        )
+        found = (await self._db.execute(statement, params)).one_or_none()
+        if found is None:
+            raise LeaseLost(f"run {batch.run_id} is no longer held by {batch.lease.owner}")
+        last_seq, run_attempt, message_seq, _notified = found
+        first = last_seq - len(events) + 1
+        stored = [
+            RunEvent(
+                run_id=batch.run_id,
+                seq=first + index,
+                attempt=run_attempt,
+                type=kind,
+                data=data,
+                created_at=at,
+            )
+            for index, (kind, data) in enumerate(events)
+        ]
+        if message_seq is not None:
+            stored = [_with_message_seq(event, message_seq) for event in stored]
+        return stored
+
+    async def _notify(self, notify: Sequence[Wakeup]) -> None:
+        """Send wake-ups to the other processes with this transaction (at its commit)."""
+        if notify:
+            await self._db.execute(
+                _PG_NOTIFY,
+                {
+                    "channels": [channel for channel, _payload in notify],
+                    "payloads": [payload for _channel, payload in notify],
+                },
+            )
 
     async def _bump(
         self,
@@ -904,22 +1173,26 @@ class RunRepository:
             for index, event in enumerate(events)
         ]
 
-    async def _insert_events(self, stored: list[RunEvent]) -> None:
+    async def _insert_events(self, stored: list[RunEvent], notify: Sequence[Wakeup] = ()) -> None:
+        """Insert the events; on PostgreSQL with ``notify``, the wake-ups in the same statement."""
         if not stored:
             return
         if self._db.get_bind().dialect.name == "postgresql":
             # One statement whatever the number of rows: the columns go as arrays (an
             # executemany would be one execution per row on the server).
+            params: dict[str, Any] = {
+                "run_ids": [event.run_id for event in stored],
+                "seqs": [event.seq for event in stored],
+                "types": [event.type.value for event in stored],
+                "attempts": [event.attempt for event in stored],
+                "datas": [json.dumps(event.data) for event in stored],
+                "created": [event.created_at for event in stored],
+            }
+            if notify:
+                params["channels"] = [channel for channel, _payload in notify]
+                params["payloads"] = [payload for _channel, payload in notify]
             await self._db.execute(
-                _PG_INSERT_EVENTS,
-                {
-                    "run_ids": [event.run_id for event in stored],
-                    "seqs": [event.seq for event in stored],
-                    "types": [event.type.value for event in stored],
-                    "attempts": [event.attempt for event in stored],
-                    "datas": [json.dumps(event.data) for event in stored],
-                    "created": [event.created_at for event in stored],
-                },
+                _PG_INSERT_EVENTS_AND_NOTIFY if notify else _PG_INSERT_EVENTS, params
             )
             return
         # SQLite: one statement, compiled once and cached, executed with many rows in one
@@ -1047,6 +1320,136 @@ class RunRepository:
             history_length=int(length or 0),
             history_tail=None if tail is None else RunId(tail),
         )
+
+    async def start(
+        self,
+        run: Run,
+        *,
+        owner: UserId,
+        prompt: str,
+        message_id: MessageId,
+        lease_owner: str | None,
+        lease_until: datetime | None,
+        notify: Sequence[Wakeup] = (),
+    ) -> tuple[Session, TurnContext, Message] | None:
+        """Start a run: the owner's session and what its turn needs (as ``start_context``),
+        the new run (claimed already with ``lease_owner``) and the user's message (as
+        ``MessageRepository.add_next``), and the wake-ups ``notify``. None, and nothing
+        written, if the session is missing or someone else's; Conflict (RunActive upstream)
+        if it has a run going.
+
+        On PostgreSQL this is one statement (the inserts are data-modifying CTEs that write
+        only if the session is the owner's; in autocommit, one round trip); SQLite, which has
+        no such CTEs, takes three.
+        """
+        session_id = run.session_id
+        content = storable(prompt)
+        run_row = {
+            "id": run.id,
+            "session_id": session_id,
+            "status": run.status.value,
+            "attempt": run.attempt,
+            "error": run.error,
+            "owner": lease_owner,
+            "lease_expires_at": lease_until,
+            "history_seq": None,
+            "retries": 0,
+            "handbacks": 0,
+            "last_seq": 0,
+            "checkpoint_seq": 0,
+            "created_at": run.created_at,
+            "updated_at": run.created_at,
+            "finished_at": None,
+        }
+        message_row = {
+            "id": message_id,
+            "session_id": session_id,
+            "role": MessageRole.USER.value,
+            "content": content,
+            "run_id": run.id,
+            "created_at": run.created_at,
+        }
+        if self._db.get_bind().dialect.name != "postgresql":
+            found = await self.start_context(session_id, owner=owner, prompt=prompt)
+            if found is None:
+                return None
+            await self._db.execute(insert(_RUNS).values(**run_row))
+            message = await MessageRepository(self._db).add_next(
+                message_id=message_id,
+                session_id=session_id,
+                role=MessageRole.USER,
+                content=content,
+                run_id=run.id,
+                at=run.created_at,
+            )
+            await self._notify(notify)
+            session, context = found
+            return session, context, message
+        owned = and_(SessionRow.id == session_id, SessionRow.owner_id == owner)
+        is_owned = select(SessionRow.id).where(owned).exists()
+        runs = _RUNS
+        add_run = (
+            insert(runs)
+            .from_select(
+                list(run_row),
+                select(
+                    *[literal(value, runs.c[name].type) for name, value in run_row.items()]
+                ).where(is_owned),
+            )
+            .cte("new_run")
+        )
+        messages = _MESSAGES
+        next_seq = (
+            select(func.coalesce(func.max(messages.c.seq), 0) + 1)
+            .where(messages.c.session_id == session_id)
+            .scalar_subquery()
+        )
+        add_message = (
+            insert(messages)
+            .from_select(
+                [*message_row, "seq"],
+                select(
+                    *[literal(value, messages.c[name].type) for name, value in message_row.items()],
+                    next_seq,
+                ).where(is_owned),
+            )
+            .returning(messages.c.seq)
+            .cte("new_message")
+        )
+        found = (
+            await self._db.execute(
+                select(
+                    SessionRow,
+                    AgentRow,
+                    *_history_position(session_id),
+                    select(add_message.c.seq).scalar_subquery(),
+                    *[func.pg_notify(channel, payload) for channel, payload in notify],
+                )
+                .join(AgentRow, AgentRow.id == SessionRow.agent_id)
+                .where(owned)
+                .add_cte(add_run)
+            )
+        ).one_or_none()
+        if found is None:
+            return None
+        session_row, agent, length, tail, seq = found[:5]
+        context = TurnContext(
+            agent=_agent(agent),
+            workspace=session_row.workspace,
+            prompt=prompt,
+            history_length=int(length or 0),
+            history_tail=None if tail is None else RunId(tail),
+        )
+        message = Message(
+            id=message_id,
+            session_id=session_id,
+            seq=int(seq),
+            role=MessageRole.USER,
+            content=content,
+            run_id=run.id,
+            created_at=run.created_at,
+        )
+        return _session(session_row), context, message
 
     async def turn_context(self, run_id: RunId, *, session_id: SessionId) -> TurnContext:
         """The agent, workspace, prompt and history length a run's turn needs, in one
@@ -1480,6 +1883,20 @@ def _model_message_rows(
         }
         for index, message in enumerate(messages)
     ]
+
+
+def _with_message_seq(event: RunEvent, seq: int) -> RunEvent:
+    """A ``message.completed`` event with its message's ``seq`` (others as they are)."""
+    if event.type is not EventType.MESSAGE_COMPLETED:
+        return event
+    return RunEvent(
+        run_id=event.run_id,
+        seq=event.seq,
+        attempt=event.attempt,
+        type=event.type,
+        data={**event.data, "seq": seq},
+        created_at=event.created_at,
+    )
 
 
 def _fenced(run_id: RunId, lease: Lease) -> list[Any]:

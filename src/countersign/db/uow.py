@@ -62,12 +62,15 @@ class UnitOfWork:
         is_sqlite: bool,
         write: bool,
         transaction: bool = True,
+        one_statement: bool = False,
         writer_lock: WriterLock | None = None,
     ) -> None:
         self._session_factory = session_factory
         self._is_sqlite = is_sqlite
         self._write = write
-        self._transaction = transaction or write
+        # One statement is a transaction by itself on PostgreSQL (autocommit: no BEGIN and
+        # no COMMIT, two round trips fewer); SQLite's writer still takes its lock up front.
+        self._transaction = (transaction or write) and not (one_statement and not is_sqlite)
         self._writer_lock = writer_lock if is_sqlite and write else None
         self._db_session: AsyncSession | None = None
 
@@ -203,15 +206,20 @@ def unit_of_work_factory(
     is_sqlite: bool,
     writer_wait_seconds: float = 30.0,
 ) -> UnitOfWorkFactory:
-    """A callable that opens a UnitOfWork; ``write=False`` for read-only work."""
+    """A callable that opens a UnitOfWork; ``write=False`` for read-only work;
+    ``one_statement=True`` for work of a single statement (on PostgreSQL it then runs in
+    autocommit: the caller must send exactly one statement)."""
     writer_lock = WriterLock(wait_seconds=writer_wait_seconds) if is_sqlite else None
 
-    def open_unit_of_work(*, write: bool = True, transaction: bool = True) -> UnitOfWork:
+    def open_unit_of_work(
+        *, write: bool = True, transaction: bool = True, one_statement: bool = False
+    ) -> UnitOfWork:
         return UnitOfWork(
             session_factory,
             is_sqlite=is_sqlite,
             write=write,
             transaction=transaction,
+            one_statement=one_statement,
             writer_lock=writer_lock,
         )
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from countersign.domain.models import JSONObject, Lease, RunId, SessionId
+from countersign.domain.models import JSONObject, Lease, MessageId, RunId, SessionId
 
 
 class EventType(StrEnum):
@@ -65,6 +65,18 @@ class RunBatch:
     messages_after: int = 0
     truncate: bool = False
     """Delete the session's messages after ``messages_after`` first (they are replaced)."""
+
+
+Wakeup = tuple[str, str]
+"""A notification for the server's other processes: its channel and payload (``broker.py``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantReply:
+    """The assistant's message that a turn's last write stores (``RunRepository.write``)."""
+
+    message_id: MessageId
+    content: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,9 +52,11 @@ from countersign.agent.runner import (
     run_turn,
 )
 from countersign.agent.tools import ToolLimits, tools_generation
+from countersign.db.repositories import fits_one_statement
 from countersign.db.uow import UnitOfWork
 from countersign.domain.errors import CountersignError, LeaseLost, Unavailable
 from countersign.domain.events import (
+    AssistantReply,
     EventType,
     NewEvent,
     RunBatch,
@@ -71,7 +73,6 @@ from countersign.domain.models import (
     JSONObject,
     Lease,
     MessageId,
-    MessageRole,
     Run,
     RunId,
     RunStatus,
@@ -706,6 +707,14 @@ class _Turn:
             reason = describe_model_error(error)
             if reason is None:
                 raise  # a bug: _carry_out logs it and fails the run with a plain sentence
+            # The run's reason is a sentence; what the provider's library said goes to the log.
+            logger.warning(
+                "run %s: the model call failed (%r): %r, caused by %r",  # %r: escaped text
+                self.run_id,
+                reason,
+                error,
+                error.__cause__ or error.__context__,
+            )
             await self._fail(reason)
             return
         finally:
@@ -886,28 +895,23 @@ class _Turn:
         self.ending = True
         self._raise_write_error()
         now = self.deps.clock.now()
-        async with self.lock, self.deps.uow_factory() as uow:
+        async with self.lock:
             # Again under the lock: a background flush that held it may just have failed,
             # and finishing now would store a reply whose deltas miss that batch's text.
             self._raise_write_error()
-            pending = self._take_pending()
             content = self.start.earlier_text + (outcome.reply or "")
-            message = await uow.messages.add_next(
-                message_id=MessageId(self.deps.new_id()),
-                session_id=self.claimed.run.session_id,
-                role=MessageRole.ASSISTANT,
-                content=content,
-                run_id=self.run_id,
-                at=now,
-            )
+            reply = AssistantReply(MessageId(self.deps.new_id()), content)
             messages, changed = self._final_messages(outcome)
-            stored = await self._append(
-                uow,
-                [
-                    *pending,
+            batch = RunBatch(
+                run_id=self.run_id,
+                session_id=self.claimed.run.session_id,
+                lease=self.lease,
+                events=[
+                    *self._take_pending(),
+                    # Its "seq" is the stored message's, filled in by the write.
                     NewEvent(
                         EventType.MESSAGE_COMPLETED,
-                        {"message_id": str(message.id), "seq": message.seq, "content": content},
+                        {"message_id": str(reply.message_id), "content": content},
                     ),
                     NewEvent(EventType.RUN_FINISHED, {"status": RunStatus.SUCCEEDED.value}),
                 ],
@@ -918,17 +922,29 @@ class _Turn:
                     "owner": None,
                     "lease_expires_at": None,
                 },
+                messages=changed.items,
+                messages_after=changed.start,
+                truncate=changed.start < self.stored_length,
             )
-            await self._store_messages(uow, messages, changed)
-            await uow.commit()
+            # The run, its events, the reply, the history and the other processes' wake-ups:
+            # on PostgreSQL one statement when the history is only added to.
+            async with self.deps.uow_factory(one_statement=fits_one_statement(batch)) as uow:
+                stored = await uow.runs.write(
+                    batch,
+                    at=now,
+                    notify=self.deps.broker.wakeups(self.run_id, changes=True),
+                    reply=reply,
+                )
+                await uow.commit()
+            self._stored(messages, changed)
         self.executor.remember_history(
             self.claimed.run.session_id,
             length=self.stored_length,
             tail=self.tail,
             messages=outcome.messages,
         )
-        self.deps.broker.run_changed(self.run_id, stored)
-        self.deps.broker.data_changed()
+        self.deps.broker.run_changed(self.run_id, stored, remote=False)
+        self.deps.broker.data_changed(remote=False)
 
     async def _fail(self, reason: str) -> None:
         self.ending = True
@@ -1028,7 +1044,8 @@ class _Turn:
                 self._stored(messages, changed)
                 self.tools_since_checkpoint = False
             self.last_flush = time.monotonic()
-        self.deps.broker.run_changed(self.run_id, stored)
+        # The writer sent the other processes' wake-up with the write.
+        self.deps.broker.run_changed(self.run_id, stored, remote=False)
 
     async def _append(
         self,

@@ -77,10 +77,11 @@ async def start_run(
                     return started_from_json(response)
             await _refuse_if_active(uow, session_id)
         raise
+    # The start's write sent the other processes' wake-ups (unless replayed, it wrote none).
     if not started.replayed:
-        deps.broker.data_changed()
+        deps.broker.data_changed(remote=False)
     if not started.handed_off and not started.replayed:
-        deps.broker.work_available()
+        deps.broker.work_available(remote=False)
     return started
 
 
@@ -97,48 +98,43 @@ async def _start_run(
     handed: tuple[Run, TurnContext] | None = None
     pending_hand_off: tuple[Run, TurnContext] | None = None
     try:
-        async with deps.uow_factory() as uow:
+        # Without an Idempotency-Key the start is one statement (PostgreSQL: one round trip).
+        async with deps.uow_factory(one_statement=idempotency is None) as uow:
             if idempotency is not None:
                 response = await stored_response(uow, user_id=actor, request=idempotency)
                 if response is not None:
                     return started_from_json(response)
-            # The session, its agent and its history's length: one statement, also what the
-            # turn needs if this process's executor takes it at once.
-            found = await uow.runs.start_context(session_id, owner=actor, prompt=content)
-            if found is None:
-                raise NotFound(SESSION_NOT_FOUND)
-            session, start = found
-            # No look for an active run first: the unique index on a session's active run
-            # refuses the insert (Conflict), and start_run then says which run is active.
             now = deps.clock.now()
             # With a free slot in this process's executor the run is claimed right here, in
             # this transaction, and handed over in memory: no claim, no read-back, no poll.
             lease = None if executor is None else executor.reserve(now=now)
             run = Run(
                 id=RunId(deps.new_id()),
-                session_id=session.id,
+                session_id=session_id,
                 status=RunStatus.QUEUED if lease is None else RunStatus.RUNNING,
                 attempt=0 if lease is None else lease.attempt,
                 error=None,
                 created_at=now,
                 finished_at=None,
             )
-            await uow.runs.add(
+            # The session (and what the turn needs if this process's executor takes it at
+            # once), the run and the message, and the other processes' wake-ups. No look for
+            # an active run first: the unique index on a session's active run refuses the
+            # insert (Conflict), and start_run then says which run is active.
+            found = await uow.runs.start(
                 run,
-                at=now,
-                owner=None if lease is None else lease.owner,
+                owner=actor,
+                prompt=content,
+                message_id=MessageId(deps.new_id()),
+                lease_owner=None if lease is None else lease.owner,
                 lease_until=None
                 if executor is None or lease is None
                 else executor.lease_until(now),
+                notify=deps.broker.wakeups(changes=True, work=lease is None),
             )
-            message = await uow.messages.add_next(
-                message_id=MessageId(deps.new_id()),
-                session_id=session.id,
-                role=MessageRole.USER,
-                content=content,
-                run_id=run.id,
-                at=now,
-            )
+            if found is None:
+                raise NotFound(SESSION_NOT_FOUND)
+            _session, start, message = found
             context = None if lease is None else start
             started = StartedRun(message=message, run=run, handed_off=lease is not None)
             if idempotency is not None:

@@ -15,7 +15,8 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from countersign.domain.errors import CountersignError, Unavailable
+from countersign.db.repositories import fits_one_statement
+from countersign.domain.errors import CountersignError, LeaseLost, Unavailable
 from countersign.domain.events import RunBatch, RunEvent
 from countersign.services import ServiceDeps
 from countersign.supervisor import Loop
@@ -78,10 +79,26 @@ class EventWriter:
 
     async def _commit(self, group: list[RunWrite]) -> None:
         now = self._deps.clock.now()
+        broker = self._deps.broker
+        batches = [item.batch for item in group]
+        # The wake-ups of the other processes go with the write (at its commit).
+        notify = [wakeup for batch in batches for wakeup in broker.wakeups(batch.run_id)]
         try:
-            async with self._deps.uow_factory() as uow:
-                results = await uow.runs.append_many([item.batch for item in group], at=now)
-                await uow.commit()
+            if len(batches) == 1:
+                # The usual case below full load: one run's batch, on PostgreSQL in one
+                # statement when it fits (no BEGIN, no COMMIT: one round trip).
+                single = batches[0]
+                async with self._deps.uow_factory(one_statement=fits_one_statement(single)) as uow:
+                    results: list[list[RunEvent] | LeaseLost] = []
+                    try:
+                        results.append(await uow.runs.write(single, at=now, notify=notify))
+                    except LeaseLost as lost:
+                        results.append(lost)
+                    await uow.commit()
+            else:
+                async with self._deps.uow_factory() as uow:
+                    results = await uow.runs.append_many(batches, at=now, notify=notify)
+                    await uow.commit()
         except asyncio.CancelledError:
             for item in group:
                 item.done.cancel()
