@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from countersign.broker import MAX_HANDED_EVENTS, OUTBOX_LIMIT, LocalBroker, PostgresBroker
@@ -83,40 +83,29 @@ async def test_a_process_is_not_woken_twice_by_its_own_notification(
         assert await follower.next(0.5) is None
 
 
-async def test_wake_ups_a_write_sends_itself_wake_the_others_and_not_this_process(
-    database: TestDatabase, brokers: tuple[PostgresBroker, PostgresBroker]
+async def test_a_burst_of_wake_ups_reaches_every_follower_in_the_other_process(
+    brokers: tuple[PostgresBroker, PostgresBroker],
 ) -> None:
-    """A write sends its wake-ups in its own statement (``wakeups``), on a connection of the
-    pool, not the broker's: the other process is woken, this one (already woken in memory)
-    is not woken again, whichever connection the notification came from."""
+    """Wake-ups that gather while one is sent go together in one statement: each run's
+    followers in the other process are still woken, and work and feed wake-ups with them."""
     here, there = brokers
-    run_id = RunId(new_id())
-    dsn = normalise_database_url(database.url).replace("+asyncpg", "", 1)
-    writer = await asyncpg.connect(dsn)
-    try:
-        async with here.follow(run_id) as mine, there.follow(run_id) as theirs:
-            for broker in brokers:  # the wake-up each gave itself when it connected
-                await broker.wait_for_work(0)
-            their_work = asyncio.create_task(there.wait_for_work(30))
-            my_work = asyncio.create_task(here.wait_for_work(30))
-            await asyncio.sleep(0.1)
-            wakeups = here.wakeups(run_id, changes=True, work=True)
-            assert {channel for channel, _payload in wakeups} == {
-                "countersign_runs",
-                "countersign_changes",
-                "countersign_work",
-            }
-            for channel, payload in wakeups:
-                await writer.execute("SELECT pg_notify($1, $2)", channel, payload)
-            assert await theirs.next(10) == []
-            async with asyncio.timeout(10):
-                await their_work
-            assert await mine.next(0.5) is None
-            assert not my_work.done()  # its own work wake-up came back and was left alone
-            my_work.cancel()
-    finally:
-        await writer.close()
-    assert LocalBroker().wakeups(run_id, changes=True, work=True) == []
+    await there.wait_for_work(0)  # the wake-ups it gave itself when it connected
+    await there.wait_for_changes(0)
+    runs = [RunId(new_id()) for _ in range(50)]
+    async with contextlib.AsyncExitStack() as stack:
+        followers = [await stack.enter_async_context(there.follow(run_id)) for run_id in runs]
+        work = asyncio.create_task(there.wait_for_work(30))
+        changes = asyncio.create_task(there.wait_for_changes(30))
+        await asyncio.sleep(0.1)
+        for run_id in runs:
+            here.run_changed(run_id)
+        here.work_available()
+        here.data_changed("a note")
+        woken = await asyncio.gather(*(follower.next(10) for follower in followers))
+        assert woken == [[] for _ in runs]
+        async with asyncio.timeout(10):
+            await work
+            assert "a note" in await changes
 
 
 async def test_local_followers_get_the_committed_events_in_order() -> None:

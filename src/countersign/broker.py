@@ -26,7 +26,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
-from countersign.domain.events import RunEvent, Wakeup
+from countersign.domain.events import RunEvent
 from countersign.domain.models import RunId
 from countersign.supervisor import Loop, Supervisor
 
@@ -90,19 +90,9 @@ class LocalBroker:
         self._changes = asyncio.Event()
         self._notes: deque[str] = deque(maxlen=MAX_NOTES)
 
-    def wakeups(
-        self, run_id: RunId | None = None, *, changes: bool = False, work: bool = False
-    ) -> list[Wakeup]:
-        """The wake-ups for other processes that a write of this run (with ``changes``, a
-        change the feeds show; with ``work``, a run to claim) calls for, for the write to
-        send itself, in its own statement or transaction (PostgreSQL: ``pg_notify``,
-        delivered at its commit). None here: a single process has no one else to wake."""
-        return []
-
-    def data_changed(self, note: str = "", *, remote: bool = True) -> None:
+    def data_changed(self, note: str = "") -> None:
         """Tell the per-user feeds (``services/feed.py``) that a run, approval or session
-        changed; ``note`` says what the database cannot (e.g. a session that was deleted).
-        ``remote=False``: the write sent the other processes' wake-up itself (``wakeups``)."""
+        changed; ``note`` says what the database cannot (e.g. a session that was deleted)."""
         if note:
             self._notes.append(note)
         self._changes.set()
@@ -116,13 +106,10 @@ class LocalBroker:
         self._notes.clear()
         return notes
 
-    def run_changed(
-        self, run_id: RunId, events: Sequence[RunEvent] = (), *, remote: bool = True
-    ) -> None:
+    def run_changed(self, run_id: RunId, events: Sequence[RunEvent] = ()) -> None:
         """Tell the run's followers that it has new events or a new status.
 
         ``events``: what the caller has just committed, in order, handed to local followers.
-        ``remote=False``: the write sent the other processes' wake-up itself (``wakeups``).
         """
         followers = self._followers.get(run_id)
         if not followers:
@@ -149,9 +136,8 @@ class LocalBroker:
                     woken += 1
         return woken
 
-    def work_available(self, *, remote: bool = True) -> None:
-        """Tell the executor that a run may be waiting to be claimed (``remote=False``: the
-        write sent the other processes' wake-up itself)."""
+    def work_available(self) -> None:
+        """Tell the executor that a run may be waiting to be claimed."""
         self._work.set()
 
     async def wait_for_work(self, within: float) -> None:
@@ -193,9 +179,12 @@ CONNECT_SECONDS = 10.0
 RUNS_CHANNEL = "countersign_runs"
 WORK_CHANNEL = "countersign_work"
 CHANGES_CHANNEL = "countersign_changes"
-SENDER_LENGTH = 12
-"""A notification's payload starts with its process's tag (this many characters and a space),
-so that a process knows its own notifications, whichever connection sent them."""
+NOTIFY_GATHER_SECONDS = 0.05
+"""How long wake-ups for other processes gather before they are sent together."""
+_NOTIFY_MANY = (
+    "SELECT count(pg_notify(n.channel, n.payload)) "
+    "FROM unnest($1::text[], $2::text[]) AS n(channel, payload)"
+)
 OUTBOX_LIMIT = 10_000
 """Wake-ups waiting to be sent at most (while the connection is down they pile up)."""
 
@@ -218,7 +207,6 @@ class PostgresBroker(LocalBroker):
         self._overflowed = False
         self._loop: Loop | None = None
         self._own_pids: set[int] = set()
-        self._tag = uuid.uuid4().hex[:SENDER_LENGTH]
         self.connected = asyncio.Event()
         self._stopping = False
 
@@ -240,49 +228,27 @@ class PostgresBroker(LocalBroker):
         if task in done and not task.cancelled() and task.exception() is not None:
             logger.debug("LISTEN/NOTIFY connection ended with: %s", task.exception())
 
-    def wakeups(
-        self, run_id: RunId | None = None, *, changes: bool = False, work: bool = False
-    ) -> list[Wakeup]:
-        """The notifications a write sends itself (see ``LocalBroker.wakeups``)."""
-        found: list[Wakeup] = []
-        if run_id is not None:
-            found.append((RUNS_CHANNEL, self._payload(str(run_id))))
-        if changes:
-            found.append((CHANGES_CHANNEL, self._payload("")))
-        if work:
-            found.append((WORK_CHANNEL, self._payload("")))
-        return found
-
-    def run_changed(
-        self, run_id: RunId, events: Sequence[RunEvent] = (), *, remote: bool = True
-    ) -> None:
+    def run_changed(self, run_id: RunId, events: Sequence[RunEvent] = ()) -> None:
         """Wake the run's followers here and in every other process (there, with no events)."""
         super().run_changed(run_id, events)
-        if remote:
-            self._send(RUNS_CHANNEL, str(run_id))
+        self._send(RUNS_CHANNEL, str(run_id))
 
-    def work_available(self, *, remote: bool = True) -> None:
+    def work_available(self) -> None:
         """Wake the executors here and in every other process."""
         super().work_available()
-        if remote:
-            self._send(WORK_CHANNEL, "")
+        self._send(WORK_CHANNEL, "")
 
-    def data_changed(self, note: str = "", *, remote: bool = True) -> None:
+    def data_changed(self, note: str = "") -> None:
         """Wake the feeds here and in every other process."""
         super().data_changed(note)
-        if remote:
-            self._send(CHANGES_CHANNEL, note)
+        self._send(CHANGES_CHANNEL, note)
 
-    def _payload(self, text: str) -> str:
-        return f"{self._tag} {text}"
-
-    def _send(self, channel: str, text: str) -> None:
-        payload = self._payload(text)
+    def _send(self, channel: str, payload: str) -> None:
         if len(self._outbox) >= OUTBOX_LIMIT and (channel, payload) not in self._outbox:
             # Bounded (it grows while the connection is down): past the limit, the precise
             # wake-ups give way to the two general ones, and the other processes' sweeps
             # and polls find what changed, as they do after any outage.
-            self._outbox = {(WORK_CHANNEL, self._payload("")), (CHANGES_CHANNEL, self._payload(""))}
+            self._outbox = {(WORK_CHANNEL, ""), (CHANGES_CHANNEL, "")}
             if not self._overflowed:
                 self._overflowed = True
                 logger.warning(
@@ -332,11 +298,19 @@ class PostgresBroker(LocalBroker):
             LocalBroker.data_changed(self)
             while True:
                 await self._outbox_ready.wait()
+                # Let the wake-ups of this moment gather, then send them in one statement:
+                # a few statements a second at most, however busy the process, and the
+                # commit-time lock NOTIFY takes cluster-wide is taken by this connection
+                # alone, never by the writes on the hot path.
+                await asyncio.sleep(NOTIFY_GATHER_SECONDS)
                 self._outbox_ready.clear()
                 batch, self._outbox = self._outbox, set()
                 self._overflowed = False
+                if not batch:
+                    continue
+                channels, payloads = zip(*sorted(batch), strict=True)
                 try:
-                    await sender.executemany("SELECT pg_notify($1, $2)", sorted(batch))
+                    await sender.fetchval(_NOTIFY_MANY, list(channels), list(payloads))
                 except BaseException:
                     self._outbox |= batch  # sent with the next connection
                     self._outbox_ready.set()
@@ -348,8 +322,7 @@ class PostgresBroker(LocalBroker):
                     await asyncio.shield(connection.close(timeout=2))
 
     def _received(self, _connection: object, pid: int, channel: str, payload: str) -> None:
-        sender, _, payload = payload.partition(" ")
-        if pid in self._own_pids or sender == self._tag:
+        if pid in self._own_pids:
             return  # our own notification: the local wake-up already happened
         if channel == WORK_CHANNEL:
             super().work_available()

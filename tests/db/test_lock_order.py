@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pytest
 
+from countersign.domain.errors import LeaseLost
 from countersign.domain.events import EventType, NewEvent, RunBatch
 from countersign.domain.models import Lease, Run, RunId, RunStatus, SessionId
 from countersign.services import ServiceDeps
@@ -123,3 +124,37 @@ async def test_the_event_writer_and_the_lease_keeper_lock_runs_in_one_order(
         await keeper.commit()
     async with asyncio.timeout(BOUND):
         await writing
+
+
+async def test_a_group_written_in_one_statement_refuses_only_the_run_whose_lease_is_gone(
+    services: ServiceDeps, make_account: object
+) -> None:
+    """Several runs' batches in the writer's one statement: a run held by another owner (or
+    another attempt) gets LeaseLost and nothing of its batch is stored; the others are
+    stored with their own numbering and checkpoints."""
+    account = await make_account()  # type: ignore[operator]
+    sessions = [await new_session(services, account) for _ in range(3)]
+    runs = [await running_run(services, session_id) for session_id in sessions]
+    (first, lease), (second, _), (third, _) = runs
+    async with services.uow_factory(one_statement=True) as uow:
+        results = await uow.runs.append_many(
+            [
+                batch(first, sessions[0], lease),
+                batch(second, sessions[1], Lease(owner="someone else", attempt=1)),
+                batch(third, sessions[2], Lease(owner=OWNER, attempt=2)),
+            ],
+            at=services.clock.now(),
+        )
+        await uow.commit()
+    stored, lost, stale = results
+    assert not isinstance(stored, Exception)
+    assert [e.seq for e in stored] == [1]
+    assert isinstance(lost, LeaseLost)
+    assert isinstance(stale, LeaseLost)
+    async with services.uow_factory(write=False) as uow:
+        assert [e.seq for e in await uow.runs.events(first, after_seq=0, limit=10)] == [1]
+        assert await uow.runs.events(second, after_seq=0, limit=10) == []
+        assert await uow.runs.events(third, after_seq=0, limit=10) == []
+        assert len(await uow.history.load(sessions[0], upto=10)) == 1
+        assert await uow.history.load(sessions[1], upto=10) == []
+        assert await uow.history.load(sessions[2], upto=10) == []

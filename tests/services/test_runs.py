@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 import uvicorn
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
@@ -30,6 +31,7 @@ from httpx_sse import aconnect_sse
 
 from countersign.app import create_app
 from countersign.config import Settings
+from countersign.domain.models import Lease, MessageId, Run, RunId, RunStatus, SessionId
 from countersign.services import ServiceDeps
 from countersign.services.accounts import create_api_key, create_user
 from tests.api.test_runs import (
@@ -842,3 +844,130 @@ async def test_two_concurrent_messages_to_a_fresh_session_start_one_run(
                 "SELECT count(*) FROM messages WHERE session_id = ? AND role = 'user'", session_id
             )
             assert user_messages == 1
+
+
+@pytest.mark.backends("postgres")
+async def test_a_message_sent_while_the_previous_turn_ends_is_started(
+    database: TestDatabase, tmp_path: Path
+) -> None:
+    """A message arrives while the session's turn is committing its end (the run finished,
+    the reply stored). The start waits for that commit on the one-active-run index; its one
+    statement's snapshot predates the reply, so the message number it picked is taken. It is
+    started anyway (202, the next number), not refused with a bare 409."""
+    with FakeOpenAI() as server:
+        server.script(hang("Working"), text("Next."))
+        overrides = fake_model_settings(server, model_timeout_seconds=15)
+        async with running_app(database, tmp_path, **overrides) as harness, Peer(database) as peer:
+            client, account = harness.client, harness.account
+            session_id = await new_session(client, account)
+            run_id = (await send(client, account, session_id, "first"))["run"]["id"]
+            await wait_for_status(client, account, session_id, run_id, "running")
+            ending = peer.pg.transaction()
+            await ending.start()
+            # The turn's end, as its own write makes it: the run finished, the reply stored.
+            await peer.pg.execute(
+                "UPDATE runs SET status = 'succeeded', owner = NULL, lease_expires_at = NULL, "
+                "finished_at = now() WHERE id = $1",
+                uuid.UUID(run_id),
+            )
+            await peer.pg.execute(
+                "INSERT INTO messages (id, session_id, seq, role, content, run_id, created_at) "
+                "VALUES ($1, $2, 2, 'assistant', 'Done.', $3, now())",
+                uuid.uuid4(),
+                uuid.UUID(session_id),
+                uuid.UUID(run_id),
+            )
+            sending = asyncio.create_task(post_message(harness, session_id, "second"))
+
+            async def waiting_on_the_end() -> bool:
+                waits = await peer.pg.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                )
+                return bool(waits)
+
+            await wait_until(waiting_on_the_end, what="the start to wait for the turn's end")
+            await ending.commit()
+            answer = await sending
+            assert answer.status_code == 202, answer.text
+            assert answer.json()["message"]["seq"] == 3
+            await wait_for_status(
+                client, account, session_id, answer.json()["run"]["id"], "succeeded"
+            )
+            stored = await messages_of(client, account, session_id)
+            assert [(m["seq"], m["role"], m["content"]) for m in stored] == [
+                (1, "user", "first"),
+                (2, "assistant", "Done."),
+                (3, "user", "second"),
+                (4, "assistant", "Next."),
+            ]
+
+
+async def test_a_start_whose_answer_was_lost_is_carried_out_at_once_or_not_at_all(
+    database: TestDatabase, tmp_path: Path
+) -> None:
+    """A start's one statement can commit and its answer still be lost (the request cancelled,
+    the connection cut). The run it stored, already claimed by this process, is read back
+    and carried out as attempt 1 at once: not left until its lease (60 s here) runs out and
+    then counted as a retry. A start that was not stored leaves nothing and frees its slot."""
+    async with (
+        running_app(database, tmp_path, run_lease_seconds=60) as harness,
+        Peer(database) as peer,
+    ):
+        services: ServiceDeps = harness.app.state.services
+        executor = services.executor
+        assert executor is not None
+        session_id = await new_session(harness.client, harness.account)
+        now = services.clock.now()
+
+        def started_run(lease: Lease) -> Run:
+            return Run(
+                id=RunId(services.new_id()),
+                session_id=SessionId(uuid.UUID(session_id)),
+                status=RunStatus.RUNNING,
+                attempt=lease.attempt,
+                error=None,
+                created_at=now,
+                finished_at=None,
+            )
+
+        lease = executor.reserve(now=now)
+        assert lease is not None
+        run = started_run(lease)
+        # What the statement stored before its answer was lost.
+        async with services.uow_factory(one_statement=True) as uow:
+            assert await uow.runs.start(
+                run,
+                owner=harness.account.user.id,
+                prompt="hello",
+                message_id=MessageId(services.new_id()),
+                lease_owner=lease.owner,
+                lease_until=executor.lease_until(now),
+            )
+            await uow.commit()
+        executor.adopt(run, lease=lease)
+        await wait_for_status(harness.client, harness.account, session_id, str(run.id), "succeeded")
+        retried = await peer.count(
+            "SELECT count(*) FROM runs WHERE id = ? AND attempt = 1 AND retries = 0", str(run.id)
+        )
+        assert retried == 1
+        reply = await messages_of(harness.client, harness.account, session_id)
+        assert [(m["role"], m["content"]) for m in reply] == [
+            ("user", "hello"),
+            ("assistant", "You said: hello"),
+        ]
+
+        # Not stored: nothing is carried out, nothing is written, the slot comes back.
+        free = executor.options.concurrency
+        ghost_lease = executor.reserve(now=now)
+        assert ghost_lease is not None
+        ghost = started_run(ghost_lease)
+        executor.adopt(ghost, lease=ghost_lease)
+
+        async def slots_back() -> bool:
+            return executor._free_slots() == free
+
+        await wait_until(slots_back, what="the ghost's slot to come back")
+        assert await peer.count("SELECT count(*) FROM runs WHERE id = ?", str(ghost.id)) == 0
+        # The session goes on as usual.
+        await send(harness.client, harness.account, session_id, "again")

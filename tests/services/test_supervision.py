@@ -363,8 +363,11 @@ async def test_driver_errors_in_the_lease_keeper_and_the_writer_are_logged_and_s
     caplog.set_level(logging.WARNING)
     with FakeOpenAI() as server:
         server.script(text("one", " two", " three", hold_after=1), text("again"), text("later"))
+        # Leases of 3 s, renewed every second: a loaded machine that delays one renewal
+        # must not let the run be taken over (its retry would end the turn the lease keeper
+        # is meant to be renewing when its statement fails).
         settings = fake_model_settings(
-            server, run_lease_seconds=1, executor_poll_seconds=0.1, event_flush_seconds=0
+            server, run_lease_seconds=3, executor_poll_seconds=0.1, event_flush_seconds=0
         )
         async with (
             running_app(database, tmp_path, **settings) as harness,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -59,7 +58,6 @@ from countersign.domain.events import (
     NewEvent,
     RunBatch,
     RunEvent,
-    Wakeup,
 )
 from countersign.domain.models import (
     AccessToken,
@@ -571,16 +569,6 @@ _PG_INSERT_EVENTS = text(
 """Built once: executed with a list of rows it is an executemany, compiled once per process."""
 
 
-_PG_INSERT_EVENTS_AND_NOTIFY = text(
-    "WITH written AS (" + _PG_INSERT_EVENTS.text + ") "
-    "SELECT count(pg_notify(n.channel, n.payload)) "
-    "FROM unnest(CAST(:channels AS text[]), CAST(:payloads AS text[])) AS n(channel, payload)"
-)
-"""The events and the wake-ups of other processes (sent at commit), in one statement."""
-_PG_NOTIFY = text(
-    "SELECT count(pg_notify(n.channel, n.payload)) "
-    "FROM unnest(CAST(:channels AS text[]), CAST(:payloads AS text[])) AS n(channel, payload)"
-)
 _PG_SET = {
     "history_seq": "history_seq = CAST(:history_seq AS integer)",
     "status": "status = CAST(:status AS varchar)",
@@ -593,12 +581,10 @@ _PG_SET = {
 
 
 @functools.cache
-def _pg_write(
-    values: frozenset[str], *, checkpoint: bool, reply: bool, history: bool, notify: bool
-) -> Any:
+def _pg_write(values: frozenset[str], *, checkpoint: bool, reply: bool, history: bool) -> Any:
     """A run's batch in one statement on PostgreSQL (``RunRepository.write``): the fenced
     UPDATE of the run, then (only if it matched) the assistant's message, the events, the
-    model messages and the wake-ups. The sub-statements see one snapshot and commit together.
+    model messages. The sub-statements see one snapshot and commit together.
     Built once for each shape (which values, which parts), so that it sets only what it must.
     """
     changes = [
@@ -655,19 +641,62 @@ def _pg_write(
     FROM bumped, unnest(CAST(:messages AS jsonb[])) WITH ORDINALITY AS h(data, ord)
 )"""
         )
-    notified = "0"
-    if notify:
-        parts.append(
-            """notified AS (
-    SELECT pg_notify(n.channel, n.payload) FROM bumped,
-        unnest(CAST(:channels AS text[]), CAST(:payloads AS text[])) AS n(channel, payload)
-)"""
-        )
-        notified = "(SELECT count(*) FROM notified)"
     return text(
         "WITH "
         + ",\n".join(parts)
-        + f"\nSELECT bumped.last_seq, bumped.attempt, {reply_seq}, {notified} FROM bumped"
+        + f"\nSELECT bumped.last_seq, bumped.attempt, {reply_seq} FROM bumped"
+    )
+
+
+_PG_WRITE_MANY = text(
+    """
+WITH batch AS (
+    SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:owners AS varchar[]),
+        CAST(:attempts AS integer[]), CAST(:counts AS integer[]),
+        CAST(:checkpoints AS integer[]), CAST(:histories AS integer[]))
+        AS b(id, owner, attempt, n, checkpoint_after, history_seq)
+), bumped AS (
+    UPDATE runs SET
+        last_seq = runs.last_seq + batch.n,
+        updated_at = CAST(:at AS timestamptz),
+        checkpoint_seq = CASE WHEN batch.checkpoint_after IS NULL THEN runs.checkpoint_seq
+            ELSE runs.last_seq + batch.checkpoint_after END,
+        history_seq = coalesce(batch.history_seq, runs.history_seq)
+    FROM batch
+    WHERE runs.id = batch.id AND runs.owner = batch.owner AND runs.attempt = batch.attempt
+        AND runs.status = 'running'
+        -- Locked in id order first, as the lease keeper locks them: the two never deadlock.
+        AND runs.id IN (SELECT locked.id FROM runs AS locked
+            WHERE locked.id = ANY(CAST(:ids AS uuid[])) ORDER BY locked.id
+            FOR NO KEY UPDATE)
+    RETURNING runs.id, runs.last_seq, runs.attempt, batch.n
+), written AS (
+    INSERT INTO events (run_id, seq, type, attempt, data, created_at)
+    SELECT e.run_id, bumped.last_seq - bumped.n + e.ord, e.type, bumped.attempt, e.data,
+        CAST(:at AS timestamptz)
+    FROM unnest(CAST(:event_runs AS uuid[]), CAST(:event_ords AS integer[]),
+        CAST(:types AS varchar[]), CAST(:datas AS jsonb[])) AS e(run_id, ord, type, data)
+    JOIN bumped ON bumped.id = e.run_id
+), history AS (
+    INSERT INTO model_messages (session_id, seq, run_id, data, created_at)
+    SELECT h.session_id, h.seq, h.run_id, h.data, CAST(:at AS timestamptz)
+    FROM unnest(CAST(:message_sessions AS uuid[]), CAST(:message_seqs AS integer[]),
+        CAST(:message_runs AS uuid[]), CAST(:messages AS jsonb[]))
+        AS h(session_id, seq, run_id, data)
+    JOIN bumped ON bumped.id = h.run_id
+)
+SELECT bumped.id, bumped.last_seq, bumped.attempt FROM bumped
+"""
+)
+"""Several runs' batches in one statement on PostgreSQL (``RunRepository.append_many``):
+each run's fenced UPDATE, then the events and model messages of the runs that matched."""
+
+
+def fits_one_statement_group(batches: list[RunBatch]) -> bool:
+    """Whether ``RunRepository.append_many`` writes these batches (of distinct runs, none
+    replacing history, none setting run values but a checkpoint's) in one statement."""
+    return len({batch.run_id for batch in batches}) == len(batches) and all(
+        not batch.truncate and (batch.values or {}).keys() <= {"history_seq"} for batch in batches
     )
 
 
@@ -942,16 +971,18 @@ class RunRepository:
         return stored
 
     async def append_many(
-        self, batches: list[RunBatch], *, at: datetime, notify: Sequence[Wakeup] = ()
+        self, batches: list[RunBatch], *, at: datetime
     ) -> list[list[RunEvent] | LeaseLost]:
         """The executor's batches of several runs at once, each as in ``append`` under its
-        lease (plus its model messages), with one INSERT of all their events, and the
-        wake-ups ``notify`` (sent at commit).
+        lease (plus its model messages), with one INSERT of all their events; on PostgreSQL,
+        batches that ``fits_one_statement_group`` in one statement.
 
         A run whose lease is gone gets LeaseLost in its place and writes nothing; the others
         are not affected. The runs are written (so locked) in id order, as the lease keeper
         locks them, so that the two never deadlock.
         """
+        if fits_one_statement_group(batches) and self._db.get_bind().dialect.name == "postgresql":
+            return await self._write_many_one_statement(batches, at=at)
         results: list[list[RunEvent] | LeaseLost] = [LeaseLost("not written")] * len(batches)
         every: list[RunEvent] = []
         messages: list[dict[str, Any]] = []
@@ -990,11 +1021,68 @@ class RunRepository:
             )
         if messages:
             await self._db.execute(_INSERT_MODEL_MESSAGE, messages)
-        if every and notify and self._db.get_bind().dialect.name == "postgresql":
-            await self._insert_events(every, notify=notify)  # one statement for both
-        else:
-            await self._insert_events(every)
-            await self._notify(notify)
+        await self._insert_events(every)
+        return results
+
+    async def _write_many_one_statement(
+        self, batches: list[RunBatch], *, at: datetime
+    ) -> list[list[RunEvent] | LeaseLost]:
+        events = [[(e.type, storable(e.data)) for e in batch.events] for batch in batches]
+        params: dict[str, Any] = {
+            "at": at,
+            "ids": [batch.run_id for batch in batches],
+            "owners": [batch.lease.owner for batch in batches],
+            "attempts": [batch.lease.attempt for batch in batches],
+            "counts": [len(batch.events) for batch in batches],
+            "checkpoints": [batch.checkpoint_after for batch in batches],
+            "histories": [(batch.values or {}).get("history_seq") for batch in batches],
+            "event_runs": [],
+            "event_ords": [],
+            "types": [],
+            "datas": [],
+            "message_sessions": [],
+            "message_seqs": [],
+            "message_runs": [],
+            "messages": [],
+        }
+        for batch, batch_events in zip(batches, events, strict=True):
+            for index, (kind, data) in enumerate(batch_events):
+                params["event_runs"].append(batch.run_id)
+                params["event_ords"].append(index + 1)
+                params["types"].append(kind.value)
+                params["datas"].append(json.dumps(data))
+            for index, message in enumerate(batch.messages):
+                params["message_sessions"].append(batch.session_id)
+                params["message_seqs"].append(batch.messages_after + index + 1)
+                params["message_runs"].append(batch.run_id)
+                params["messages"].append(json.dumps(storable(message)))
+        bumped = {
+            RunId(row.id): (row.last_seq, row.attempt)
+            for row in await self._db.execute(_PG_WRITE_MANY, params)
+        }
+        results: list[list[RunEvent] | LeaseLost] = []
+        for batch, batch_events in zip(batches, events, strict=True):
+            found = bumped.get(batch.run_id)
+            if found is None:
+                results.append(
+                    LeaseLost(f"run {batch.run_id} is no longer held by {batch.lease.owner}")
+                )
+                continue
+            last_seq, run_attempt = found
+            first = last_seq - len(batch_events) + 1
+            results.append(
+                [
+                    RunEvent(
+                        run_id=batch.run_id,
+                        seq=first + index,
+                        attempt=run_attempt,
+                        type=kind,
+                        data=data,
+                        created_at=at,
+                    )
+                    for index, (kind, data) in enumerate(batch_events)
+                ]
+            )
         return results
 
     async def write(
@@ -1002,19 +1090,18 @@ class RunRepository:
         batch: RunBatch,
         *,
         at: datetime,
-        notify: Sequence[Wakeup] = (),
         reply: AssistantReply | None = None,
     ) -> list[RunEvent]:
-        """One run's batch under its lease (as ``append_many``), with the wake-ups ``notify``
-        and, with ``reply``, the assistant's message: the batch's ``message.completed`` event
-        gets its ``seq``. LeaseLost (and nothing written) unless the run is still held.
+        """One run's batch under its lease (as ``append_many``) and, with ``reply``, the
+        assistant's message: the batch's ``message.completed`` event gets its ``seq``.
+        LeaseLost (and nothing written) unless the run is still held.
 
         On PostgreSQL a batch that ``fits_one_statement`` is written by one statement (in
         autocommit: one round trip, its own transaction); anything else takes several, in the
         unit of work's transaction. The run is written first (so locked first), then the rest.
         """
         if fits_one_statement(batch) and self._db.get_bind().dialect.name == "postgresql":
-            return await self._write_one_statement(batch, at=at, notify=notify, reply=reply)
+            return await self._write_one_statement(batch, at=at, reply=reply)
         stored = await self._bump(
             batch.run_id,
             batch.events,
@@ -1054,7 +1141,6 @@ class RunRepository:
                     at=at,
                 ),
             )
-        await self._notify(notify)
         return stored
 
     async def _write_one_statement(
@@ -1062,7 +1148,6 @@ class RunRepository:
         batch: RunBatch,
         *,
         at: datetime,
-        notify: Sequence[Wakeup],
         reply: AssistantReply | None,
     ) -> list[RunEvent]:
         values = batch.values or {}
@@ -1091,20 +1176,16 @@ class RunRepository:
         if batch.messages:
             params["messages_after"] = batch.messages_after
             params["messages"] = [json.dumps(storable(message)) for message in batch.messages]
-        if notify:
-            params["channels"] = [channel for channel, _payload in notify]
-            params["payloads"] = [payload for _channel, payload in notify]
         statement = _pg_write(
             frozenset(values),
             checkpoint=batch.checkpoint_after is not None,
             reply=reply is not None,
             history=bool(batch.messages),
-            notify=bool(notify),
         )
         found = (await self._db.execute(statement, params)).one_or_none()
         if found is None:
             raise LeaseLost(f"run {batch.run_id} is no longer held by {batch.lease.owner}")
-        last_seq, run_attempt, message_seq, _notified = found
+        last_seq, run_attempt, message_seq = found
         first = last_seq - len(events) + 1
         stored = [
             RunEvent(
@@ -1120,17 +1201,6 @@ class RunRepository:
         if message_seq is not None:
             stored = [_with_message_seq(event, message_seq) for event in stored]
         return stored
-
-    async def _notify(self, notify: Sequence[Wakeup]) -> None:
-        """Send wake-ups to the other processes with this transaction (at its commit)."""
-        if notify:
-            await self._db.execute(
-                _PG_NOTIFY,
-                {
-                    "channels": [channel for channel, _payload in notify],
-                    "payloads": [payload for _channel, payload in notify],
-                },
-            )
 
     async def _bump(
         self,
@@ -1173,8 +1243,7 @@ class RunRepository:
             for index, event in enumerate(events)
         ]
 
-    async def _insert_events(self, stored: list[RunEvent], notify: Sequence[Wakeup] = ()) -> None:
-        """Insert the events; on PostgreSQL with ``notify``, the wake-ups in the same statement."""
+    async def _insert_events(self, stored: list[RunEvent]) -> None:
         if not stored:
             return
         if self._db.get_bind().dialect.name == "postgresql":
@@ -1188,12 +1257,7 @@ class RunRepository:
                 "datas": [json.dumps(event.data) for event in stored],
                 "created": [event.created_at for event in stored],
             }
-            if notify:
-                params["channels"] = [channel for channel, _payload in notify]
-                params["payloads"] = [payload for _channel, payload in notify]
-            await self._db.execute(
-                _PG_INSERT_EVENTS_AND_NOTIFY if notify else _PG_INSERT_EVENTS, params
-            )
+            await self._db.execute(_PG_INSERT_EVENTS, params)
             return
         # SQLite: one statement, compiled once and cached, executed with many rows in one
         # call of the driver.
@@ -1330,11 +1394,10 @@ class RunRepository:
         message_id: MessageId,
         lease_owner: str | None,
         lease_until: datetime | None,
-        notify: Sequence[Wakeup] = (),
     ) -> tuple[Session, TurnContext, Message] | None:
         """Start a run: the owner's session and what its turn needs (as ``start_context``),
         the new run (claimed already with ``lease_owner``) and the user's message (as
-        ``MessageRepository.add_next``), and the wake-ups ``notify``. None, and nothing
+        ``MessageRepository.add_next``). None, and nothing
         written, if the session is missing or someone else's; Conflict (RunActive upstream)
         if it has a run going.
 
@@ -1382,7 +1445,6 @@ class RunRepository:
                 run_id=run.id,
                 at=run.created_at,
             )
-            await self._notify(notify)
             session, context = found
             return session, context, message
         owned = and_(SessionRow.id == session_id, SessionRow.owner_id == owner)
@@ -1423,7 +1485,6 @@ class RunRepository:
                     AgentRow,
                     *_history_position(session_id),
                     select(add_message.c.seq).scalar_subquery(),
-                    *[func.pg_notify(channel, payload) for channel, payload in notify],
                 )
                 .join(AgentRow, AgentRow.id == SessionRow.agent_id)
                 .where(owned)

@@ -67,10 +67,6 @@ class RunBatch:
     """Delete the session's messages after ``messages_after`` first (they are replaced)."""
 
 
-Wakeup = tuple[str, str]
-"""A notification for the server's other processes: its channel and payload (``broker.py``)."""
-
-
 @dataclass(frozen=True, slots=True)
 class AssistantReply:
     """The assistant's message that a turn's last write stores (``RunRepository.write``)."""

@@ -262,6 +262,38 @@ class Executor:
         history = self._cached_history(run.session_id, context.history_length, context.history_tail)
         self._spawn(claimed, _Start(context, history=history), how=HANDED_OVER)
 
+    def adopt(self, run: Run, *, lease: Lease) -> None:
+        """Carry out a run whose start may or may not be stored: its one statement was cut
+        off before its answer came back (a cancel, a lost connection), so the context it
+        read is unknown. If the run is stored (as claimed by us), its start is read back and
+        it goes on as attempt 1, without waiting for its lease to run out and counting a
+        retry; if not, nothing happens and the slot is free again."""
+        self._reserved -= 1
+        if self._stopping:
+            return  # stored or not, the lease runs out and the run is claimed again
+        claimed = ClaimedRun(run=run, lease=lease, history_seq=None, last_seq=0, checkpoint_seq=0)
+        task = asyncio.create_task(self._adopt(claimed), name=f"run {run.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _adopt(self, claimed: ClaimedRun) -> None:
+        run_id = claimed.run.id
+        try:
+            async with self.deps.uow_factory(write=False) as uow:
+                if await uow.runs.status_and_seq(run_id) is None:
+                    logger.info("run %s was not stored after all; nothing to carry out", run_id)
+                    return
+                start = await _read_start(
+                    uow, claimed, self.options.max_attempts, self._cached_history
+                )
+        except CountersignError as error:
+            logger.warning(
+                "run %s could not be read back (%s); its lease will run out", run_id, error.message
+            )
+            return
+        logger.debug("run %s attempt %d %s", run_id, claimed.lease.attempt, ADOPTED)
+        await self._carry_out(claimed, start)
+
     async def take(self, uow: UnitOfWork, run_id: RunId, *, now: datetime) -> _Taken | None:
         """Claim a run that ``uow`` re-queued (a decision) for this process, if a slot is free,
         and read its start in that transaction: no claim of its own, no wake-up, no poll."""
@@ -463,6 +495,7 @@ class Executor:
 
 
 HANDED_OVER = "handed over in-process"
+ADOPTED = "read back after its start's answer was lost"
 CLAIMED = "claimed by the claim loop"
 UNEXPECTED_FAILURE = "the agent failed unexpectedly; the server's log has the details"
 
@@ -926,15 +959,10 @@ class _Turn:
                 messages_after=changed.start,
                 truncate=changed.start < self.stored_length,
             )
-            # The run, its events, the reply, the history and the other processes' wake-ups:
-            # on PostgreSQL one statement when the history is only added to.
+            # The run, its events, the reply and the history: on PostgreSQL one statement
+            # when the history is only added to.
             async with self.deps.uow_factory(one_statement=fits_one_statement(batch)) as uow:
-                stored = await uow.runs.write(
-                    batch,
-                    at=now,
-                    notify=self.deps.broker.wakeups(self.run_id, changes=True),
-                    reply=reply,
-                )
+                stored = await uow.runs.write(batch, at=now, reply=reply)
                 await uow.commit()
             self._stored(messages, changed)
         self.executor.remember_history(
@@ -943,8 +971,8 @@ class _Turn:
             tail=self.tail,
             messages=outcome.messages,
         )
-        self.deps.broker.run_changed(self.run_id, stored, remote=False)
-        self.deps.broker.data_changed(remote=False)
+        self.deps.broker.run_changed(self.run_id, stored)
+        self.deps.broker.data_changed()
 
     async def _fail(self, reason: str) -> None:
         self.ending = True
@@ -1044,8 +1072,7 @@ class _Turn:
                 self._stored(messages, changed)
                 self.tools_since_checkpoint = False
             self.last_flush = time.monotonic()
-        # The writer sent the other processes' wake-up with the write.
-        self.deps.broker.run_changed(self.run_id, stored, remote=False)
+        self.deps.broker.run_changed(self.run_id, stored)
 
     async def _append(
         self,

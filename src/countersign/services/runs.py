@@ -61,27 +61,32 @@ async def start_run(
         raise InvalidInput("content must not be empty")
     if len(content) > CONTENT_MAX_LENGTH:
         raise InvalidInput(f"content is longer than {CONTENT_MAX_LENGTH} characters")
-    try:
-        started = await _start_run(
-            deps, actor=actor, session_id=session_id, content=content, idempotency=idempotency
-        )
-    except RunActive:
-        raise
-    except Conflict:
-        # A concurrent message won the race for the session's one active run (or for the
-        # Idempotency-Key): answer as if this request had come second, which it did.
-        async with deps.uow_factory(write=False) as uow:
-            if idempotency is not None:
-                response = await stored_response(uow, user_id=actor, request=idempotency)
-                if response is not None:
-                    return started_from_json(response)
-            await _refuse_if_active(uow, session_id)
-        raise
-    # The start's write sent the other processes' wake-ups (unless replayed, it wrote none).
+    for attempt in (1, 2):
+        try:
+            started = await _start_run(
+                deps, actor=actor, session_id=session_id, content=content, idempotency=idempotency
+            )
+            break
+        except RunActive:
+            raise
+        except Conflict:
+            # A concurrent message won the race for the session's one active run (or for the
+            # Idempotency-Key): answer as if this request had come second, which it did.
+            async with deps.uow_factory(write=False) as uow:
+                if idempotency is not None:
+                    response = await stored_response(uow, user_id=actor, request=idempotency)
+                    if response is not None:
+                        return started_from_json(response)
+                await _refuse_if_active(uow, session_id)
+            if attempt == 2:
+                raise
+            # No run is going: this start met the end of the session's previous turn, whose
+            # reply took the message number it had picked (on PostgreSQL the start is one
+            # statement, and its one snapshot predates that reply). It wrote nothing: again.
     if not started.replayed:
-        deps.broker.data_changed(remote=False)
+        deps.broker.data_changed()
     if not started.handed_off and not started.replayed:
-        deps.broker.work_available(remote=False)
+        deps.broker.work_available()
     return started
 
 
@@ -97,6 +102,10 @@ async def _start_run(
     lease: Lease | None = None
     handed: tuple[Run, TurnContext] | None = None
     pending_hand_off: tuple[Run, TurnContext] | None = None
+    # Whether the one statement of a start was sent and its answer has not come back: if it
+    # is cut off now, the run may be stored (claimed by us) or not.
+    unanswered: Run | None = None
+    outcome_unknown = False
     try:
         # Without an Idempotency-Key the start is one statement (PostgreSQL: one round trip).
         async with deps.uow_factory(one_statement=idempotency is None) as uow:
@@ -118,9 +127,10 @@ async def _start_run(
                 finished_at=None,
             )
             # The session (and what the turn needs if this process's executor takes it at
-            # once), the run and the message, and the other processes' wake-ups. No look for
+            # once), the run and the message. No look for
             # an active run first: the unique index on a session's active run refuses the
             # insert (Conflict), and start_run then says which run is active.
+            unanswered = run if idempotency is None else None
             found = await uow.runs.start(
                 run,
                 owner=actor,
@@ -130,8 +140,8 @@ async def _start_run(
                 lease_until=None
                 if executor is None or lease is None
                 else executor.lease_until(now),
-                notify=deps.broker.wakeups(changes=True, work=lease is None),
             )
+            unanswered = None
             if found is None:
                 raise NotFound(SESSION_NOT_FOUND)
             _session, start, message = found
@@ -150,6 +160,7 @@ async def _start_run(
         # while it ran): hand the run over as if it committed. If it did not, the turn's
         # first write is fenced by a lease that never was, and stops it.
         handed = pending_hand_off
+        outcome_unknown = unanswered is not None
         raise
     finally:
         # Whatever happens after the commit (even this request being cancelled), a run
@@ -157,6 +168,8 @@ async def _start_run(
         if executor is not None and lease is not None:
             if handed is not None:
                 executor.hand_off(handed[0], lease=lease, context=handed[1])
+            elif outcome_unknown and unanswered is not None:
+                executor.adopt(unanswered, lease=lease)
             else:
                 executor.unreserve()
     return started

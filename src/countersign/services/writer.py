@@ -15,7 +15,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from countersign.db.repositories import fits_one_statement
+from countersign.db.repositories import fits_one_statement, fits_one_statement_group
 from countersign.domain.errors import CountersignError, LeaseLost, Unavailable
 from countersign.domain.events import RunBatch, RunEvent
 from countersign.services import ServiceDeps
@@ -79,10 +79,7 @@ class EventWriter:
 
     async def _commit(self, group: list[RunWrite]) -> None:
         now = self._deps.clock.now()
-        broker = self._deps.broker
         batches = [item.batch for item in group]
-        # The wake-ups of the other processes go with the write (at its commit).
-        notify = [wakeup for batch in batches for wakeup in broker.wakeups(batch.run_id)]
         try:
             if len(batches) == 1:
                 # The usual case below full load: one run's batch, on PostgreSQL in one
@@ -91,13 +88,14 @@ class EventWriter:
                 async with self._deps.uow_factory(one_statement=fits_one_statement(single)) as uow:
                     results: list[list[RunEvent] | LeaseLost] = []
                     try:
-                        results.append(await uow.runs.write(single, at=now, notify=notify))
+                        results.append(await uow.runs.write(single, at=now))
                     except LeaseLost as lost:
                         results.append(lost)
                     await uow.commit()
             else:
-                async with self._deps.uow_factory() as uow:
-                    results = await uow.runs.append_many(batches, at=now, notify=notify)
+                one = fits_one_statement_group(batches)  # on PostgreSQL: one statement
+                async with self._deps.uow_factory(one_statement=one) as uow:
+                    results = await uow.runs.append_many(batches, at=now)
                     await uow.commit()
         except asyncio.CancelledError:
             for item in group:
