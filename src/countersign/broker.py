@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 import weakref
 from collections import defaultdict, deque
@@ -180,7 +181,10 @@ RUNS_CHANNEL = "countersign_runs"
 WORK_CHANNEL = "countersign_work"
 CHANGES_CHANNEL = "countersign_changes"
 NOTIFY_GATHER_SECONDS = 0.05
-"""How long wake-ups for other processes gather before they are sent together."""
+"""At most one send of wake-ups for other processes this often; those of the meantime go
+together."""
+STOP_FLUSH_SECONDS = 1.0
+"""How long a stopping broker waits for its last wake-ups to go out."""
 _NOTIFY_MANY = (
     "SELECT count(pg_notify(n.channel, n.payload)) "
     "FROM unnest($1::text[], $2::text[]) AS n(channel, payload)"
@@ -207,6 +211,8 @@ class PostgresBroker(LocalBroker):
         self._overflowed = False
         self._loop: Loop | None = None
         self._own_pids: set[int] = set()
+        self._last_sent = 0.0
+        self._sending = False
         self.connected = asyncio.Event()
         self._stopping = False
 
@@ -221,6 +227,12 @@ class PostgresBroker(LocalBroker):
         loop, self._loop = self._loop, None
         if loop is None or loop.task is None:
             return
+        # The wake-ups of the last moment go out before the connection does (bounded).
+        self._outbox_ready.set()
+        for _ in range(int(STOP_FLUSH_SECONDS / 0.01)):
+            if (not self._outbox and not self._sending) or not self.connected.is_set():
+                break
+            await asyncio.sleep(0.01)
         task = loop.task
         task.cancel()
         # Waited for, never awaited: a dying connection may end the task with its own error.
@@ -298,23 +310,30 @@ class PostgresBroker(LocalBroker):
             LocalBroker.data_changed(self)
             while True:
                 await self._outbox_ready.wait()
-                # Let the wake-ups of this moment gather, then send them in one statement:
-                # a few statements a second at most, however busy the process, and the
-                # commit-time lock NOTIFY takes cluster-wide is taken by this connection
-                # alone, never by the writes on the hot path.
-                await asyncio.sleep(NOTIFY_GATHER_SECONDS)
+                # At most one send per NOTIFY_GATHER_SECONDS, the wake-ups of the meantime
+                # together in one statement (at once when the last send is older): a few
+                # statements a second however busy the process, and the commit-time lock
+                # NOTIFY takes cluster-wide is taken by this connection alone, never by the
+                # writes on the hot path.
+                wait = self._last_sent + NOTIFY_GATHER_SECONDS - time.monotonic()
+                if wait > 0 and not self._stopping:
+                    await asyncio.sleep(wait)
                 self._outbox_ready.clear()
                 batch, self._outbox = self._outbox, set()
                 self._overflowed = False
                 if not batch:
                     continue
                 channels, payloads = zip(*sorted(batch), strict=True)
+                self._last_sent = time.monotonic()
+                self._sending = True
                 try:
                     await sender.fetchval(_NOTIFY_MANY, list(channels), list(payloads))
                 except BaseException:
                     self._outbox |= batch  # sent with the next connection
                     self._outbox_ready.set()
                     raise
+                finally:
+                    self._sending = False
         finally:
             self.connected.clear()
             for connection in connections:

@@ -136,6 +136,14 @@ async def test_a_group_written_in_one_statement_refuses_only_the_run_whose_lease
     sessions = [await new_session(services, account) for _ in range(3)]
     runs = [await running_run(services, session_id) for session_id in sessions]
     (first, lease), (second, _), (third, _) = runs
+    async with services.uow_factory() as uow:  # the first run has written before
+        await uow.runs.append(
+            first,
+            [NewEvent(EventType.RUN_STARTED, {})],
+            at=services.clock.now(),
+            lease=lease,
+        )
+        await uow.commit()
     async with services.uow_factory(one_statement=True) as uow:
         results = await uow.runs.append_many(
             [
@@ -148,11 +156,12 @@ async def test_a_group_written_in_one_statement_refuses_only_the_run_whose_lease
         await uow.commit()
     stored, lost, stale = results
     assert not isinstance(stored, Exception)
-    assert [e.seq for e in stored] == [1]
+    assert [e.seq for e in stored] == [2]
     assert isinstance(lost, LeaseLost)
     assert isinstance(stale, LeaseLost)
     async with services.uow_factory(write=False) as uow:
-        assert [e.seq for e in await uow.runs.events(first, after_seq=0, limit=10)] == [1]
+        assert [e.seq for e in await uow.runs.events(first, after_seq=0, limit=10)] == [1, 2]
+        assert await uow.runs.status_and_seq(first) == (RunStatus.RUNNING, 2)
         assert await uow.runs.events(second, after_seq=0, limit=10) == []
         assert await uow.runs.events(third, after_seq=0, limit=10) == []
         assert len(await uow.history.load(sessions[0], upto=10)) == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import sqlite3
 import time
@@ -17,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -851,9 +852,9 @@ async def test_a_message_sent_while_the_previous_turn_ends_is_started(
     database: TestDatabase, tmp_path: Path
 ) -> None:
     """A message arrives while the session's turn is committing its end (the run finished,
-    the reply stored). The start waits for that commit on the one-active-run index; its one
-    statement's snapshot predates the reply, so the message number it picked is taken. It is
-    started anyway (202, the next number), not refused with a bare 409."""
+    the reply stored). The start waits for that commit on the one-active-run index (it inserts
+    its run first); its one statement's snapshot predates the reply, so the message number it
+    picked is taken. It is started anyway (202, the next number), not refused with a bare 409."""
     with FakeOpenAI() as server:
         server.script(hang("Working"), text("Next."))
         overrides = fake_model_settings(server, model_timeout_seconds=15)
@@ -880,9 +881,11 @@ async def test_a_message_sent_while_the_previous_turn_ends_is_started(
             sending = asyncio.create_task(post_message(harness, session_id, "second"))
 
             async def waiting_on_the_end() -> bool:
+                # Inside a transaction the activity view is a snapshot: take a fresh one.
+                await peer.pg.execute("SELECT pg_stat_clear_snapshot()")
                 waits = await peer.pg.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database()"
+                    "AND datname = current_database() AND query LIKE 'WITH new_run%'"
                 )
                 return bool(waits)
 
@@ -904,12 +907,15 @@ async def test_a_message_sent_while_the_previous_turn_ends_is_started(
 
 
 async def test_a_start_whose_answer_was_lost_is_carried_out_at_once_or_not_at_all(
-    database: TestDatabase, tmp_path: Path
+    database: TestDatabase, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A start's one statement can commit and its answer still be lost (the request cancelled,
-    the connection cut). The run it stored, already claimed by this process, is read back
-    and carried out as attempt 1 at once: not left until its lease (60 s here) runs out and
-    then counted as a retry. A start that was not stored leaves nothing and frees its slot."""
+    the connection cut), even after the executor first looked for it (the statement was still
+    waiting for a lock on the server). The run it stored, already claimed by this process, is
+    read back and carried out as attempt 1: not left until its lease (60 s here) runs out and
+    then counted as a retry. A start that was never stored leaves nothing, and its slot comes
+    back once the lease it would have had is nearly over."""
+    caplog.set_level(logging.INFO, logger="countersign.services.executor")
     async with (
         running_app(database, tmp_path, run_lease_seconds=60) as harness,
         Peer(database) as peer,
@@ -918,6 +924,7 @@ async def test_a_start_whose_answer_was_lost_is_carried_out_at_once_or_not_at_al
         executor = services.executor
         assert executor is not None
         session_id = await new_session(harness.client, harness.account)
+        free = executor.options.concurrency
         now = services.clock.now()
 
         def started_run(lease: Lease) -> Run:
@@ -934,7 +941,10 @@ async def test_a_start_whose_answer_was_lost_is_carried_out_at_once_or_not_at_al
         lease = executor.reserve(now=now)
         assert lease is not None
         run = started_run(lease)
-        # What the statement stored before its answer was lost.
+        until = executor.lease_until(now)
+        # The executor looks first; the statement commits a moment later.
+        executor.adopt(run, lease=lease, until=until)
+        await asyncio.sleep(0.5)
         async with services.uow_factory(one_statement=True) as uow:
             assert await uow.runs.start(
                 run,
@@ -942,10 +952,9 @@ async def test_a_start_whose_answer_was_lost_is_carried_out_at_once_or_not_at_al
                 prompt="hello",
                 message_id=MessageId(services.new_id()),
                 lease_owner=lease.owner,
-                lease_until=executor.lease_until(now),
+                lease_until=until,
             )
             await uow.commit()
-        executor.adopt(run, lease=lease)
         await wait_for_status(harness.client, harness.account, session_id, str(run.id), "succeeded")
         retried = await peer.count(
             "SELECT count(*) FROM runs WHERE id = ? AND attempt = 1 AND retries = 0", str(run.id)
@@ -957,17 +966,20 @@ async def test_a_start_whose_answer_was_lost_is_carried_out_at_once_or_not_at_al
             ("assistant", "You said: hello"),
         ]
 
-        # Not stored: nothing is carried out, nothing is written, the slot comes back.
-        free = executor.options.concurrency
+        # Never stored: nothing is carried out, nothing is written, the slot comes back.
         ghost_lease = executor.reserve(now=now)
         assert ghost_lease is not None
         ghost = started_run(ghost_lease)
-        executor.adopt(ghost, lease=ghost_lease)
+        executor.adopt(ghost, lease=ghost_lease, until=services.clock.now() + timedelta(seconds=2))
 
         async def slots_back() -> bool:
             return executor._free_slots() == free
 
         await wait_until(slots_back, what="the ghost's slot to come back")
         assert await peer.count("SELECT count(*) FROM runs WHERE id = ?", str(ghost.id)) == 0
+        assert any(
+            str(ghost.id) in record.getMessage() and "not carried out" in record.getMessage()
+            for record in caplog.records
+        )
         # The session goes on as usual.
         await send(harness.client, harness.account, session_id, "again")

@@ -1458,6 +1458,7 @@ class RunRepository:
                     *[literal(value, runs.c[name].type) for name, value in run_row.items()]
                 ).where(is_owned),
             )
+            .returning(runs.c.id)
             .cte("new_run")
         )
         messages = _MESSAGES
@@ -1470,10 +1471,13 @@ class RunRepository:
             insert(messages)
             .from_select(
                 [*message_row, "seq"],
+                # From the new run: the run is inserted first (waiting, if another turn of
+                # the session is ending, on the one-active-run index), then the message; a
+                # turn's end writes its run first too, so the two queue, never deadlock.
                 select(
                     *[literal(value, messages.c[name].type) for name, value in message_row.items()],
                     next_seq,
-                ).where(is_owned),
+                ).select_from(add_run),
             )
             .returning(messages.c.seq)
             .cte("new_message")
@@ -1488,7 +1492,6 @@ class RunRepository:
                 )
                 .join(AgentRow, AgentRow.id == SessionRow.agent_id)
                 .where(owned)
-                .add_cte(add_run)
             )
         ).one_or_none()
         if found is None:

@@ -41,7 +41,7 @@ class LocalExecutor(Protocol):
     def hand_off(self, run: Run, *, lease: Lease, context: TurnContext) -> None:
         """Carry out a committed run claimed with a reserved lease."""
 
-    def adopt(self, run: Run, *, lease: Lease) -> None:
+    def adopt(self, run: Run, *, lease: Lease, until: datetime) -> None:
         """Carry out a run claimed with a reserved lease whose start may not be stored (its
         statement's answer was lost): read it back, and carry it out if it is there."""
 

@@ -262,36 +262,50 @@ class Executor:
         history = self._cached_history(run.session_id, context.history_length, context.history_tail)
         self._spawn(claimed, _Start(context, history=history), how=HANDED_OVER)
 
-    def adopt(self, run: Run, *, lease: Lease) -> None:
+    def adopt(self, run: Run, *, lease: Lease, until: datetime) -> None:
         """Carry out a run whose start may or may not be stored: its one statement was cut
         off before its answer came back (a cancel, a lost connection), so the context it
-        read is unknown. If the run is stored (as claimed by us), its start is read back and
-        it goes on as attempt 1, without waiting for its lease to run out and counting a
-        retry; if not, nothing happens and the slot is free again."""
+        read is unknown. If the run is stored (as claimed by us, its lease running ``until``),
+        its start is read back and it goes on as attempt 1, without waiting for its lease to
+        run out and counting a retry; if not, the slot is free again."""
         self._reserved -= 1
         if self._stopping:
             return  # stored or not, the lease runs out and the run is claimed again
         claimed = ClaimedRun(run=run, lease=lease, history_seq=None, last_seq=0, checkpoint_seq=0)
-        task = asyncio.create_task(self._adopt(claimed), name=f"run {run.id}")
+        task = asyncio.create_task(self._adopt(claimed, until), name=f"run {run.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _adopt(self, claimed: ClaimedRun) -> None:
+    async def _adopt(self, claimed: ClaimedRun, until: datetime) -> None:
         run_id = claimed.run.id
-        try:
-            async with self.deps.uow_factory(write=False) as uow:
-                if await uow.runs.status_and_seq(run_id) is None:
-                    logger.info("run %s was not stored after all; nothing to carry out", run_id)
-                    return
-                start = await _read_start(
-                    uow, claimed, self.options.max_attempts, self._cached_history
+        # The statement may still be running on the server (waiting for a lock) and commit
+        # later: look until shortly before its lease would run out (after that the claim
+        # loop takes the run over, as after a crash).
+        deadline = until - timedelta(seconds=ADOPT_MARGIN_SECONDS)
+        start: _Start | None = None
+        while start is None:
+            found = None
+            try:
+                async with self.deps.uow_factory(write=False) as uow:
+                    found = await uow.runs.status_and_seq(run_id)
+                    if found is not None and found[0] is RunStatus.RUNNING:
+                        start = await _read_start(
+                            uow, claimed, self.options.max_attempts, self._cached_history
+                        )
+            except CountersignError as error:
+                logger.warning("run %s could not be read back yet: %s", run_id, error.message)
+            if start is not None:
+                break
+            if found is not None or self.stopping or self.deps.clock.now() >= deadline:
+                # Ended already (cancelled), or never stored, or the server is stopping.
+                logger.info(
+                    "run %s: its start was not stored, or it ended; not carried out", run_id
                 )
-        except CountersignError as error:
-            logger.warning(
-                "run %s could not be read back (%s); its lease will run out", run_id, error.message
-            )
-            return
+                self.deps.broker.work_available()  # this slot is free again
+                return
+            await asyncio.sleep(ADOPT_POLL_SECONDS)
         logger.debug("run %s attempt %d %s", run_id, claimed.lease.attempt, ADOPTED)
+        self.deps.broker.data_changed()  # the request that stored it could not say so
         await self._carry_out(claimed, start)
 
     async def take(self, uow: UnitOfWork, run_id: RunId, *, now: datetime) -> _Taken | None:
@@ -496,6 +510,9 @@ class Executor:
 
 HANDED_OVER = "handed over in-process"
 ADOPTED = "read back after its start's answer was lost"
+ADOPT_POLL_SECONDS = 0.2
+ADOPT_MARGIN_SECONDS = 1.0
+"""A start read back stops looking this long before the lease it was given runs out."""
 CLAIMED = "claimed by the claim loop"
 UNEXPECTED_FAILURE = "the agent failed unexpectedly; the server's log has the details"
 

@@ -106,6 +106,7 @@ async def _start_run(
     # is cut off now, the run may be stored (claimed by us) or not.
     unanswered: Run | None = None
     outcome_unknown = False
+    lease_until: datetime | None = None
     try:
         # Without an Idempotency-Key the start is one statement (PostgreSQL: one round trip).
         async with deps.uow_factory(one_statement=idempotency is None) as uow:
@@ -117,6 +118,7 @@ async def _start_run(
             # With a free slot in this process's executor the run is claimed right here, in
             # this transaction, and handed over in memory: no claim, no read-back, no poll.
             lease = None if executor is None else executor.reserve(now=now)
+            lease_until = None if executor is None or lease is None else executor.lease_until(now)
             run = Run(
                 id=RunId(deps.new_id()),
                 session_id=session_id,
@@ -137,9 +139,7 @@ async def _start_run(
                 prompt=content,
                 message_id=MessageId(deps.new_id()),
                 lease_owner=None if lease is None else lease.owner,
-                lease_until=None
-                if executor is None or lease is None
-                else executor.lease_until(now),
+                lease_until=lease_until,
             )
             unanswered = None
             if found is None:
@@ -168,8 +168,8 @@ async def _start_run(
         if executor is not None and lease is not None:
             if handed is not None:
                 executor.hand_off(handed[0], lease=lease, context=handed[1])
-            elif outcome_unknown and unanswered is not None:
-                executor.adopt(unanswered, lease=lease)
+            elif outcome_unknown and unanswered is not None and lease_until is not None:
+                executor.adopt(unanswered, lease=lease, until=lease_until)
             else:
                 executor.unreserve()
     return started

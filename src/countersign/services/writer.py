@@ -3,10 +3,11 @@
 Every turn in this process hands its batches (events, plus the run's new values and
 checkpoint) to one writer. While a commit is in flight the next batches collect; then they go
 together in one transaction: a fenced UPDATE per run and one INSERT of every event (a cached
-statement, executed with many rows). Each run's write is still fenced by its lease: a run
-whose lease is gone gets LeaseLost and writes nothing, without failing the others. A caller
-learns that its batch is committed (and gets the stored events) only after the commit; if the
-commit fails, every caller of that group gets the error and keeps its batch.
+statement, executed with many rows); on PostgreSQL the group is one statement (autocommit).
+Each run's write is still fenced by its lease: a run whose lease is gone gets LeaseLost and
+writes nothing, without failing the others. A caller learns that its batch is committed (and
+gets the stored events) only after the commit; if the commit fails, every caller of that
+group gets the error and keeps its batch.
 """
 
 from __future__ import annotations

@@ -538,6 +538,13 @@ function Chat({ me, sessionId, summary, onChanged: changed }) {
     if (message.event === "approval.resolved") setApprovals((shown) => resolvedFrom(shown, data));
     if (message.event.startsWith("approval.")) loadApprovals();
     if (message.event === "run.status" && ["queued", "running"].includes(data.status)) follow(data.run_id);
+    // A run decided elsewhere can end before this tab's feed sees it running: its end is the
+    // first this tab hears. Not following it, the tab shows the run's end and the reply.
+    if (message.event === "run.status" && ["succeeded", "failed", "cancelled"].includes(data.status) && !following.current) {
+      setRun((shown) => (shown && shown.runId === data.run_id ? { ...shown, status: data.status } : shown));
+      loadMessages();
+      loadApprovals();
+    }
     if (message.event === "session.changed") {
       api("GET", `/sessions/${sessionId}`).then(setSession, (failure) => {
         if (failure.status === 404) go("sessions");
