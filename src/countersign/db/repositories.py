@@ -988,18 +988,9 @@ class RunRepository:
         messages: list[dict[str, Any]] = []
         for index in sorted(range(len(batches)), key=lambda position: batches[position].run_id):
             batch = batches[index]
-            stored = await self._bump(
-                batch.run_id,
-                batch.events,
-                _fenced(batch.run_id, batch.lease),
-                at=at,
-                values=batch.values,
-                checkpoint_after=batch.checkpoint_after,
-            )
+            stored = await self._bump_batch(batch, at=at)
             if stored is None:
-                results[index] = LeaseLost(
-                    f"run {batch.run_id} is no longer held by {batch.lease.owner}"
-                )
+                results[index] = _lease_lost(batch)
                 continue
             results[index] = stored
             every.extend(stored)
@@ -1010,15 +1001,7 @@ class RunRepository:
                         ModelMessageRow.seq > batch.messages_after,
                     )
                 )
-            messages.extend(
-                _model_message_rows(
-                    batch.session_id,
-                    batch.run_id,
-                    batch.messages,
-                    after=batch.messages_after,
-                    at=at,
-                )
-            )
+            messages.extend(_batch_message_rows(batch, at=at))
         if messages:
             await self._db.execute(_INSERT_MODEL_MESSAGE, messages)
         await self._insert_events(every)
@@ -1064,25 +1047,10 @@ class RunRepository:
         for batch, batch_events in zip(batches, events, strict=True):
             found = bumped.get(batch.run_id)
             if found is None:
-                results.append(
-                    LeaseLost(f"run {batch.run_id} is no longer held by {batch.lease.owner}")
-                )
+                results.append(_lease_lost(batch))
                 continue
             last_seq, run_attempt = found
-            first = last_seq - len(batch_events) + 1
-            results.append(
-                [
-                    RunEvent(
-                        run_id=batch.run_id,
-                        seq=first + index,
-                        attempt=run_attempt,
-                        type=kind,
-                        data=data,
-                        created_at=at,
-                    )
-                    for index, (kind, data) in enumerate(batch_events)
-                ]
-            )
+            results.append(_numbered(batch.run_id, batch_events, last_seq, run_attempt, at))
         return results
 
     async def write(
@@ -1102,16 +1070,9 @@ class RunRepository:
         """
         if fits_one_statement(batch) and self._db.get_bind().dialect.name == "postgresql":
             return await self._write_one_statement(batch, at=at, reply=reply)
-        stored = await self._bump(
-            batch.run_id,
-            batch.events,
-            _fenced(batch.run_id, batch.lease),
-            at=at,
-            values=batch.values,
-            checkpoint_after=batch.checkpoint_after,
-        )
+        stored = await self._bump_batch(batch, at=at)
         if stored is None:
-            raise LeaseLost(f"run {batch.run_id} is no longer held by {batch.lease.owner}")
+            raise _lease_lost(batch)
         if reply is not None:
             message = await MessageRepository(self._db).add_next(
                 message_id=reply.message_id,
@@ -1131,16 +1092,7 @@ class RunRepository:
                 )
             )
         if batch.messages:
-            await self._db.execute(
-                _INSERT_MODEL_MESSAGE,
-                _model_message_rows(
-                    batch.session_id,
-                    batch.run_id,
-                    batch.messages,
-                    after=batch.messages_after,
-                    at=at,
-                ),
-            )
+            await self._db.execute(_INSERT_MODEL_MESSAGE, _batch_message_rows(batch, at=at))
         return stored
 
     async def _write_one_statement(
@@ -1184,23 +1136,23 @@ class RunRepository:
         )
         found = (await self._db.execute(statement, params)).one_or_none()
         if found is None:
-            raise LeaseLost(f"run {batch.run_id} is no longer held by {batch.lease.owner}")
+            raise _lease_lost(batch)
         last_seq, run_attempt, message_seq = found
-        first = last_seq - len(events) + 1
-        stored = [
-            RunEvent(
-                run_id=batch.run_id,
-                seq=first + index,
-                attempt=run_attempt,
-                type=kind,
-                data=data,
-                created_at=at,
-            )
-            for index, (kind, data) in enumerate(events)
-        ]
+        stored = _numbered(batch.run_id, events, last_seq, run_attempt, at)
         if message_seq is not None:
             stored = [_with_message_seq(event, message_seq) for event in stored]
         return stored
+
+    async def _bump_batch(self, batch: RunBatch, *, at: datetime) -> list[RunEvent] | None:
+        """``_bump`` for an executor's batch, fenced by its lease."""
+        return await self._bump(
+            batch.run_id,
+            batch.events,
+            _fenced(batch.run_id, batch.lease),
+            at=at,
+            values=batch.values,
+            checkpoint_after=batch.checkpoint_after,
+        )
 
     async def _bump(
         self,
@@ -1230,18 +1182,9 @@ class RunRepository:
         if bumped is None:
             return None
         last_seq, run_attempt = bumped
-        first = last_seq - len(events) + 1
-        return [
-            RunEvent(
-                run_id=run_id,
-                seq=first + index,
-                attempt=run_attempt,
-                type=event.type,
-                data=storable(event.data),  # what streams live is what is stored
-                created_at=at,
-            )
-            for index, event in enumerate(events)
-        ]
+        # What streams live is what is stored.
+        stored = [(event.type, storable(event.data)) for event in events]
+        return _numbered(run_id, stored, last_seq, run_attempt, at)
 
     async def _insert_events(self, stored: list[RunEvent]) -> None:
         if not stored:
@@ -1946,6 +1889,33 @@ def _model_message_rows(
             "created_at": at,
         }
         for index, message in enumerate(messages)
+    ]
+
+
+def _batch_message_rows(batch: RunBatch, *, at: datetime) -> list[dict[str, Any]]:
+    return _model_message_rows(
+        batch.session_id, batch.run_id, batch.messages, after=batch.messages_after, at=at
+    )
+
+
+def _lease_lost(batch: RunBatch) -> LeaseLost:
+    return LeaseLost(f"run {batch.run_id} is no longer held by {batch.lease.owner}")
+
+
+def _numbered(
+    run_id: RunId,
+    events: list[tuple[EventType, JSONObject]],
+    last_seq: int,
+    attempt: int,
+    at: datetime,
+) -> list[RunEvent]:
+    """The events as stored, ending at the run's new ``last_seq``, in its ``attempt``."""
+    first = last_seq - len(events) + 1
+    return [
+        RunEvent(
+            run_id=run_id, seq=first + index, attempt=attempt, type=kind, data=data, created_at=at
+        )
+        for index, (kind, data) in enumerate(events)
     ]
 
 
