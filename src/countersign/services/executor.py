@@ -294,6 +294,12 @@ class Executor:
                         )
             except CountersignError as error:
                 logger.warning("run %s could not be read back yet: %s", run_id, error.message)
+            except Exception:
+                # A bug: logged with its traceback; the run's lease runs out and it is
+                # claimed again, as after a crash.
+                logger.exception("run %s could not be read back", run_id)
+                self.deps.broker.work_available()
+                return
             if start is not None:
                 break
             if found is not None or self.stopping or self.deps.clock.now() >= deadline:
