@@ -365,6 +365,9 @@ class StatementCounts:
     last_received: list[str] = field(default_factory=list)
     by_text: Counter[str] = field(default_factory=Counter)
     """Every statement SQLAlchemy sent, by its text (whitespace collapsed)."""
+    handoffs: Counter[str] = field(default_factory=Counter)
+    """SQLite: the calls handed to a connection's thread (each a round trip to it), by the
+    statement's first keyword, or COMMIT / ROLLBACK."""
 
     def per_request(self, value: int) -> float:
         """A count divided by the number of requests."""
@@ -377,9 +380,9 @@ class StatementCounts:
 
     @property
     def driver_calls(self) -> int:
-        """What the SQLite driver was handed so far: statements, BEGIN, COMMIT and ROLLBACK
-        (what ``received`` holds for SQLite; read at any moment for a running count)."""
-        return self.total_statements + self.begins + self.commits + self.rollbacks
+        """What the SQLite driver's threads were handed so far: statements (BEGIN included),
+        COMMIT and ROLLBACK (what ``received`` holds for SQLite; a running count)."""
+        return sum(self.handoffs.values())
 
 
 @dataclass
@@ -442,9 +445,26 @@ def counting_sql() -> Iterator[StatementCounts]:
     ]
     for target, name, fn in hooks:
         event.listen(target, name, fn)
+    # SQLite: every hand-off to a connection's thread goes through aiosqlite's one queueing
+    # method; the SQL statements among them are the driver's ``_run`` calls.
+    import aiosqlite
+
+    queue = aiosqlite.Connection._execute
+
+    async def counted(self: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
+        inner = getattr(function, "func", function)
+        if getattr(inner, "__name__", "") == "_run" and len(function.args) > 1:
+            kind = keyword(function.args[1])
+        else:
+            kind = str(getattr(inner, "__name__", "?")).upper()
+        counts.handoffs[kind] += 1
+        return await queue(self, function, *args, **kwargs)
+
+    aiosqlite.Connection._execute = counted
     try:
         yield counts
     finally:
+        aiosqlite.Connection._execute = queue
         for target, name, fn in hooks:
             event.remove(target, name, fn)
 

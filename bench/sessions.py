@@ -248,8 +248,8 @@ async def count_statements(
 ) -> StatementCounts:
     """Drive the real app in-process and count the SQL behind ``requests`` sequential creates.
 
-    SQLite runs in this process, so what its driver is handed is what it executes: every
-    cursor statement (BEGIN included) plus the driver's COMMIT and ROLLBACK. For PostgreSQL
+    SQLite runs in this process, so what its driver's threads are handed is what it executes:
+    every statement (BEGIN included) plus the driver's COMMIT and ROLLBACK. For PostgreSQL
     the server's own statement log says what it executed, when this run can read it.
     """
     headers = {"Authorization": f"Bearer {key}"}
@@ -270,11 +270,8 @@ async def count_statements(
             counts.received_from = "PostgreSQL statement log"
             counts.last_received = log.since(last)
         elif database_url.startswith("sqlite"):
-            counts.received = Counter(counts.statements)
-            counts.received["BEGIN"] += counts.begins
-            counts.received["COMMIT"] += counts.commits
-            counts.received["ROLLBACK"] += counts.rollbacks
-            counts.received_from = "SQLite driver calls"
+            counts.received = Counter(counts.handoffs)
+            counts.received_from = "SQLite driver hand-offs"
     return counts
 
 

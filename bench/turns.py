@@ -1593,7 +1593,7 @@ class TurnStatements:
 
 
 class DriverMarks(TurnMarks):
-    """SQLite: how many driver calls had been made at each mark (SQLAlchemy events)."""
+    """SQLite: how many hand-offs to the driver's threads had been made at each mark."""
 
     def __init__(self, counts: StatementCounts) -> None:
         self.counts = counts
@@ -1715,11 +1715,8 @@ async def count_statements(
                     counts.received = Counter(keyword(line) for line in logged if MARK not in line)
                     counts.received_from = "PostgreSQL statement log"
                 elif database_url.startswith("sqlite"):
-                    counts.received = Counter(counts.statements)
-                    counts.received["BEGIN"] += counts.begins
-                    counts.received["COMMIT"] += counts.commits
-                    counts.received["ROLLBACK"] += counts.rollbacks
-                    counts.received_from = "SQLite driver calls"
+                    counts.received = Counter(counts.handoffs)
+                    counts.received_from = "SQLite driver hand-offs"
                     if isinstance(marks, DriverMarks):
                         before_first = marks.before_first_token()
                 found[flow] = counts
@@ -1925,7 +1922,8 @@ def print_statements(results: Results, show: int) -> None:
     print(
         "SQL, counted in-process (the same app served by uvicorn on this script's event loop) "
         "with SQLAlchemy engine and pool events; DB stmts = what the database executed "
-        "(SQLite: driver calls; PostgreSQL: its statement log), i.e. round trips. before 1st "
+        "(SQLite: hand-offs to the driver's thread; PostgreSQL: its statement log), i.e. round "
+        "trips. before 1st "
         "token = DB stmts from the request's start until the client read the first "
         "text.delta (mean per turn, turns one at a time). An approval row is per round trip."
     )

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 from countersign.config import Settings
+from countersign.db import sqlite_driver
 from countersign.db.errors import sqlite_code_of
 
 IMMEDIATE = "countersign_immediate"
@@ -64,9 +65,13 @@ STALE_SQLITE_CODES = ("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN")
 
 
 def _sqlite_engine(url: URL, settings: Settings) -> AsyncEngine:
+    # The file and options SQLAlchemy would open, opened with one thread hand-off per
+    # statement (``sqlite_driver``) instead of aiosqlite's four.
+    args, options = url.get_dialect()().create_connect_args(url)
+    options["timeout"] = settings.sqlite_busy_timeout_ms / 1000
     engine = create_async_engine(
         url,
-        connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
+        async_creator=lambda: sqlite_driver.connect(*args, **options),
         pool_pre_ping=False,
         # An error's text (logged, and shown by nothing) never carries the values of a
         # statement: hashes, emails, message content.

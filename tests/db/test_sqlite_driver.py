@@ -1,0 +1,100 @@
+"""The SQLite engine's driver (``db.sqlite_driver``): one hand-off per statement, and the same
+answers SQLAlchemy got from aiosqlite's own cursors: rows, row counts, errors, transactions."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from countersign.db import sqlite_driver
+from countersign.db.engine import IMMEDIATE, create_engine
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.backends("sqlite")
+
+
+@pytest.fixture
+async def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'driver.db'}")
+    engine = create_engine(settings)
+    async with engine.begin() as connection:
+        await connection.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"))
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def test_the_engine_opens_its_connections_through_the_driver(engine) -> None:  # type: ignore[no-untyped-def]
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        assert isinstance(raw.driver_connection, sqlite_driver.Connection)
+
+
+async def test_rows_row_counts_and_returning(engine) -> None:  # type: ignore[no-untyped-def]
+    async with engine.begin() as connection:
+        inserted = await connection.execute(
+            text("INSERT INTO t (id, v) VALUES (:id, :v)"),
+            [{"id": n, "v": f"v{n}"} for n in range(1, 6)],
+        )
+        assert inserted.rowcount == 5
+        returned = await connection.execute(
+            text("UPDATE t SET v = v || '!' WHERE id > :id RETURNING id, v"), {"id": 3}
+        )
+        assert sorted(returned.all()) == [(4, "v4!"), (5, "v5!")]
+        updated = await connection.execute(text("UPDATE t SET v = 'x' WHERE id <= 2"))
+        assert updated.rowcount == 2
+        assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar() == 5
+        assert (await connection.execute(text("SELECT v FROM t WHERE id = 99"))).first() is None
+        result = await connection.execute(text("SELECT id FROM t ORDER BY id"))
+        assert result.fetchone() == (1,)
+        assert result.fetchmany(2) == [(2,), (3,)]
+        assert result.fetchall() == [(4,), (5,)]
+
+
+async def test_errors_are_the_drivers_and_leave_the_connection_usable(engine) -> None:  # type: ignore[no-untyped-def]
+    async with engine.connect() as connection:
+        await connection.execute(text("INSERT INTO t (id, v) VALUES (1, 'a')"))
+        await connection.commit()
+        with pytest.raises(IntegrityError):
+            await connection.execute(text("INSERT INTO t (id, v) VALUES (1, 'b')"))
+        await connection.rollback()
+        with pytest.raises(OperationalError, match="no such table"):
+            await connection.execute(text("SELECT * FROM missing"))
+        await connection.rollback()
+        assert (await connection.execute(text("SELECT v FROM t"))).scalars().all() == ["a"]
+
+
+async def test_a_rolled_back_transaction_leaves_nothing_and_a_committed_one_stays(engine) -> None:  # type: ignore[no-untyped-def]
+    async with engine.connect() as connection:
+        await connection.execute(text("INSERT INTO t (id, v) VALUES (1, 'gone')"))
+        await connection.rollback()
+        await connection.execute(text("INSERT INTO t (id, v) VALUES (2, 'kept')"))
+        await connection.commit()
+    async with engine.connect() as connection:
+        assert (await connection.execute(text("SELECT v FROM t"))).scalars().all() == ["kept"]
+
+
+async def test_a_writer_waits_for_another_connections_write_lock(engine) -> None:  # type: ignore[no-untyped-def]
+    """Two connections, two threads: the second BEGIN IMMEDIATE waits (busy timeout) for the
+    first to commit, and then sees its row."""
+    async with engine.connect() as first, engine.connect() as second:
+        first = await first.execution_options(**{IMMEDIATE: True})
+        second = await second.execution_options(**{IMMEDIATE: True})
+        await first.execute(text("INSERT INTO t (id, v) VALUES (1, 'first')"))
+
+        async def write_second() -> list[str]:
+            await second.execute(text("INSERT INTO t (id, v) VALUES (2, 'second')"))
+            rows = (await second.execute(text("SELECT v FROM t ORDER BY id"))).scalars().all()
+            await second.commit()
+            return list(rows)
+
+        waiting = asyncio.create_task(write_second())
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # held by the first writer's lock
+        await first.commit()
+        assert await asyncio.wait_for(waiting, 10) == ["first", "second"]
