@@ -22,6 +22,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     text,
@@ -556,6 +557,17 @@ class MessageRepository:
 
 
 _RUNS: Table = Base.metadata.tables[RunRow.__tablename__]
+_APPROVALS: Table = Base.metadata.tables[ApprovalRow.__tablename__]
+_RESUME_TYPES = [
+    kind.value
+    for kind in (
+        EventType.RUN_STARTED,
+        EventType.TEXT_DELTA,
+        EventType.TOOL_CALL,
+        EventType.TOOL_RESULT,
+        EventType.APPROVAL_REQUIRED,
+    )
+]
 """Hot statements use the Core table, not the ORM class: no ORM bulk bookkeeping."""
 _MESSAGES: Table = Base.metadata.tables[MessageRow.__tablename__]
 _INSERT_MODEL_MESSAGE = insert(Base.metadata.tables[ModelMessageRow.__tablename__])
@@ -581,11 +593,18 @@ _PG_SET = {
 
 
 @functools.cache
-def _pg_write(values: frozenset[str], *, checkpoint: bool, reply: bool, history: bool) -> Any:
+def _pg_write(
+    values: frozenset[str], *, checkpoint: bool, reply: bool, history: bool, truncate: bool
+) -> Any:
     """A run's batch in one statement on PostgreSQL (``RunRepository.write``): the fenced
     UPDATE of the run, then (only if it matched) the assistant's message, the events, the
     model messages. The sub-statements see one snapshot and commit together.
     Built once for each shape (which values, which parts), so that it sets only what it must.
+
+    With ``truncate`` the model messages replace the session's from ``messages_after`` on:
+    those past the new ones are deleted and the new ones overwrite what holds their places
+    (sub-statements of one statement cannot be ordered, so none of them may touch a row
+    another one touches).
     """
     changes = [
         "last_seq = runs.last_seq + CAST(:count AS integer)",
@@ -632,14 +651,29 @@ def _pg_write(values: frozenset[str], *, checkpoint: bool, reply: bool, history:
         AS e(type, data, ord)
 )"""  # noqa: S608
     )
-    if history:
+    if truncate:
         parts.append(
-            """history AS (
+            """cut AS (
+    DELETE FROM model_messages
+    WHERE model_messages.session_id = CAST(:session_id AS uuid)
+        AND model_messages.seq > CAST(:messages_after AS integer) + CAST(:message_count AS integer)
+        AND EXISTS (SELECT FROM bumped)
+)"""
+        )
+    if history:
+        overwrite = (
+            "\n    ON CONFLICT (session_id, seq) DO UPDATE SET run_id = excluded.run_id, "
+            "data = excluded.data, created_at = excluded.created_at"
+            if truncate
+            else ""
+        )
+        parts.append(
+            f"""history AS (
     INSERT INTO model_messages (session_id, seq, run_id, data, created_at)
     SELECT CAST(:session_id AS uuid), CAST(:messages_after AS integer) + h.ord,
         CAST(:run_id AS uuid), h.data, CAST(:at AS timestamptz)
-    FROM bumped, unnest(CAST(:messages AS jsonb[])) WITH ORDINALITY AS h(data, ord)
-)"""
+    FROM bumped, unnest(CAST(:messages AS jsonb[])) WITH ORDINALITY AS h(data, ord){overwrite}
+)"""  # noqa: S608
         )
     return text(
         "WITH "
@@ -706,15 +740,12 @@ ONE_STATEMENT_VALUES = frozenset(
 
 
 def fits_one_statement(batch: RunBatch) -> bool:
-    """Whether ``RunRepository.write`` writes this batch in one statement on PostgreSQL: no
-    model messages to replace, and run values of the kinds a turn's end sets (the lease
-    released as a whole, or not at all)."""
+    """Whether ``RunRepository.write`` writes this batch in one statement on PostgreSQL: run
+    values of the kinds a turn's end sets (the lease released as a whole, or not at all)."""
     values = batch.values or {}
     releases = [values.get(key, ...) for key in ("owner", "lease_expires_at")]
-    return (
-        not batch.truncate
-        and values.keys() <= ONE_STATEMENT_VALUES
-        and (releases == [..., ...] or releases == [None, None])
+    return values.keys() <= ONE_STATEMENT_VALUES and (
+        releases == [..., ...] or releases == [None, None]
     )
 
 
@@ -1120,19 +1151,23 @@ class RunRepository:
                 params[name] = values[name]
         if "error" in values:
             params["error"] = None if values["error"] is None else storable(values["error"])
-        if reply is not None or batch.messages:
+        if reply is not None or batch.messages or batch.truncate:
             params["session_id"] = batch.session_id
         if reply is not None:
             params["message_id"] = reply.message_id
             params["content"] = storable(reply.content)
-        if batch.messages:
+        if batch.messages or batch.truncate:
             params["messages_after"] = batch.messages_after
+        if batch.messages:
             params["messages"] = [json.dumps(storable(message)) for message in batch.messages]
+        if batch.truncate:
+            params["message_count"] = len(batch.messages)
         statement = _pg_write(
             frozenset(values),
             checkpoint=batch.checkpoint_after is not None,
             reply=reply is not None,
             history=bool(batch.messages),
+            truncate=batch.truncate,
         )
         found = (await self._db.execute(statement, params)).one_or_none()
         if found is None:
@@ -1229,18 +1264,6 @@ class RunRepository:
         )
         return [_event(row) for row in rows]
 
-    async def text_events(self, run_id: RunId) -> list[RunEvent]:
-        """The run's text.delta and run.started events: what its reply is made of."""
-        rows = await self._db.scalars(
-            select(EventRow)
-            .where(
-                EventRow.run_id == run_id,
-                EventRow.type.in_([EventType.TEXT_DELTA.value, EventType.RUN_STARTED.value]),
-            )
-            .order_by(EventRow.seq)
-        )
-        return [_event(row) for row in rows]
-
     async def ended_before(
         self, before: datetime, *, after: RunId | None, limit: int
     ) -> list[RunId]:
@@ -1276,15 +1299,13 @@ class RunRepository:
             size = None if None in (pages, free, page_size) else (pages - free) * page_size
         return rows, None if size is None else int(size)
 
-    async def tool_calls_after(self, run_id: RunId, *, after_seq: int) -> list[RunEvent]:
-        """The run's tool.call and tool.result events after ``after_seq``."""
+    async def resume_events(self, run_id: RunId) -> list[RunEvent]:
+        """What a run's next attempt starts from, in one statement: its text.delta and
+        run.started events (its reply so far), tool.call and tool.result (its journal) and
+        approval.required (the order of its questions)."""
         rows = await self._db.scalars(
             select(EventRow)
-            .where(
-                EventRow.run_id == run_id,
-                EventRow.seq > after_seq,
-                EventRow.type.in_([EventType.TOOL_CALL.value, EventType.TOOL_RESULT.value]),
-            )
+            .where(EventRow.run_id == run_id, EventRow.type.in_(_RESUME_TYPES))
             .order_by(EventRow.seq)
         )
         return [_event(row) for row in rows]
@@ -1632,13 +1653,27 @@ class ApprovalRepository:
         )
         return None if row is None else _approval(row)
 
-    async def save_decision(self, approval: Approval) -> None:
-        """Record a decision; AlreadyDecided-style Conflict if someone decided first."""
-        result = await self._db.execute(
-            update(ApprovalRow)
+    async def save_decision(self, approval: Approval) -> int:
+        """Record a decision; how many of the run's other approvals still wait (read in the
+        same statement). AlreadyDecided-style Conflict if someone decided first."""
+        others = _APPROVALS.alias("others")
+        # Named with their table: SQLite's RETURNING renders plain columns unqualified, which
+        # inside the subquery would name the alias's own.
+        waiting = (
+            select(func.count())
+            .select_from(others)
             .where(
-                ApprovalRow.id == approval.id,
-                ApprovalRow.status == ApprovalStatus.PENDING.value,
+                others.c.run_id == literal_column("approvals.run_id"),
+                others.c.status == ApprovalStatus.PENDING.value,
+                others.c.id != literal_column("approvals.id"),
+            )
+            .scalar_subquery()
+        )
+        found = await self._db.scalar(
+            update(_APPROVALS)
+            .where(
+                _APPROVALS.c.id == approval.id,
+                _APPROVALS.c.status == ApprovalStatus.PENDING.value,
             )
             .values(
                 status=approval.status.value,
@@ -1647,25 +1682,55 @@ class ApprovalRepository:
                 reason=approval.reason,
                 decided_arguments=approval.decided_arguments,
             )
+            .returning(waiting)
         )
-        if _rowcount(result) == 0:
+        if found is None:
             raise AlreadyDecided(f"approval {approval.id} was decided by another request")
+        return int(found)
 
-    async def for_run(self, run_id: RunId) -> list[Approval]:
+    async def lock_run_of(
+        self, approval_id: ApprovalId, *, session_id: SessionId, owner: UserId
+    ) -> bool:
+        """Lock the run of the approval, if the approval is the session's and the session is
+        ``owner``'s (False otherwise), in one statement: the run first, then its approvals
+        (``RunRepository.lock``). Read the approval after this: a cancel, an expiry or another
+        decision may have committed while this waited for the lock."""
+        run_of = (
+            select(ApprovalRow.run_id)
+            .join(SessionRow, SessionRow.id == ApprovalRow.session_id)
+            .where(
+                ApprovalRow.id == approval_id,
+                ApprovalRow.session_id == session_id,
+                SessionRow.owner_id == owner,
+            )
+            .scalar_subquery()
+        )
+        found = await self._db.scalar(
+            select(RunRow.id).where(RunRow.id == run_of).with_for_update(key_share=True)
+        )
+        return found is not None
+
+    async def for_run(
+        self, run_id: RunId, *, asked: list[RunEvent] | None = None
+    ) -> list[Approval]:
         """Every approval of the run, in the order the run asked for them.
 
         That order is the run's event log's (each approval has its ``approval.required``
         event), not the ids': ids carry the clock of the process that made them, and two
         processes' clocks may disagree. It matters when a call is asked for again after a
-        crash: the later question is the one whose answer counts.
+        crash: the later question is the one whose answer counts. ``asked``: the run's
+        ``approval.required`` events, when the caller has read them already.
         """
         rows = list(await self._db.scalars(select(ApprovalRow).where(ApprovalRow.run_id == run_id)))
-        asked = await self._db.execute(
-            select(EventRow.seq, EventRow.data).where(
-                EventRow.run_id == run_id, EventRow.type == EventType.APPROVAL_REQUIRED.value
+        if asked is None:
+            found = await self._db.execute(
+                select(EventRow.seq, EventRow.data).where(
+                    EventRow.run_id == run_id, EventRow.type == EventType.APPROVAL_REQUIRED.value
+                )
             )
-        )
-        seq_of = {str(data.get("approval_id")): seq for seq, data in asked}
+            seq_of = {str(data.get("approval_id")): seq for seq, data in found}
+        else:
+            seq_of = {str(event.data.get("approval_id")): event.seq for event in asked}
         rows.sort(key=lambda row: (seq_of.get(str(row.id), 0), row.id))
         return [_approval(row) for row in rows]
 

@@ -103,16 +103,13 @@ async def _decide(
                 response = await stored_response(uow, user_id=actor, request=idempotency)
                 if response is not None:
                     return approval_from_json(response)
-            session = await uow.sessions.get_owned(session_id, owner=actor)
-            if session is None:
-                raise NotFound(SESSION_NOT_FOUND)
-            pending = await _get_under_run_lock(uow, approval_id, session_id=session.id)
+            pending = await _get_under_run_lock(uow, approval_id, session_id, actor=actor)
             if arguments is not None:
                 arguments = validate_tool_arguments(pending.tool, arguments)
             now = deps.clock.now()
             decided = pending.decide(decision, by=actor, at=now, reason=reason, arguments=arguments)
-            await uow.approvals.save_decision(decided)
-            requeued = await _resolve(uow, deps, decided)
+            waiting = await uow.approvals.save_decision(decided)
+            requeued = await _resolve(uow, deps, decided, waiting=waiting)
             if idempotency is not None:
                 await remember_response(
                     uow,
@@ -250,26 +247,32 @@ async def expire_approvals(deps: ServiceDeps, *, limit: int = 100) -> int:
 
 
 async def _get_under_run_lock(
-    uow: UnitOfWork, approval_id: ApprovalId, *, session_id: SessionId
+    uow: UnitOfWork, approval_id: ApprovalId, session_id: SessionId, *, actor: UserId
 ) -> Approval:
-    """The approval as it is once its run's row is locked; NotFound if there is none.
+    """The approval of the actor's session as it is once its run's row is locked; NotFound
+    (of the session, else of the approval) if there is none.
 
     The run first, then its approval: the one lock order (a cancel takes the same), so a
     decision racing a cancel or an expiry waits for it instead of deadlocking with it.
     """
-    found = await uow.approvals.get(approval_id, session_id=session_id)
-    if found is not None and found.status is ApprovalStatus.PENDING:
-        await uow.runs.lock(found.run_id)
-        # Read again: a cancel, an expiry or another decision may have committed meanwhile.
+    found = None
+    if await uow.approvals.lock_run_of(approval_id, session_id=session_id, owner=actor):
+        # Read after the lock: a cancel, an expiry or another decision may have committed.
         found = await uow.approvals.get(approval_id, session_id=session_id)
     if found is None:
+        if await uow.sessions.get_owned(session_id, owner=actor) is None:
+            raise NotFound(SESSION_NOT_FOUND)
         raise NotFound(APPROVAL_NOT_FOUND)
     return found
 
 
-async def _resolve(uow: UnitOfWork, deps: ServiceDeps, decided: Approval) -> bool:
-    """Log the decision on the run and re-queue the run once nothing else waits (True)."""
-    waiting = await uow.approvals.count_pending(decided.run_id)
+async def _resolve(
+    uow: UnitOfWork, deps: ServiceDeps, decided: Approval, *, waiting: int | None = None
+) -> bool:
+    """Log the decision on the run and re-queue the run once nothing else waits (True).
+    ``waiting``: how many of the run's other approvals still wait, if known."""
+    if waiting is None:
+        waiting = await uow.approvals.count_pending(decided.run_id)
     await uow.runs.append(
         decided.run_id,
         [

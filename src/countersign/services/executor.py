@@ -1196,12 +1196,21 @@ async def _read_start(
         history = await uow.history.load(run.session_id, upto=length)
     if claimed.history_seq is None and not claimed.last_seq:
         return _Start(context, history=history)  # a new run: nothing before it
-    # Resumed after an approval, or retried: what the earlier attempts left.
-    approvals = await uow.approvals.for_run(run.id) if claimed.history_seq is not None else []
-    text_events = await uow.runs.text_events(run.id) if claimed.last_seq else []
+    # Resumed after an approval, or retried: what the earlier attempts left (one read).
+    events = await uow.runs.resume_events(run.id) if claimed.last_seq else []
+    approvals: list[Approval] = []
+    if claimed.history_seq is not None:
+        asked = [event for event in events if event.type is EventType.APPROVAL_REQUIRED]
+        approvals = await uow.approvals.for_run(run.id, asked=asked)
+    text_events = [event for event in events if event.type in _TEXT_TYPES]
+    journal = [
+        event
+        for event in events
+        if event.type in _JOURNAL_TYPES and event.seq > claimed.checkpoint_seq
+    ]
     return _Start(
         context,
-        recovered=await _journaled_calls(uow, claimed),
+        recovered=_journaled_calls(journal),
         approvals=tuple(approvals),
         earlier_text=assistant_text(text_events, resumed_from=claimed.checkpoint_seq),
         text_events=text_events,
@@ -1209,11 +1218,13 @@ async def _read_start(
     )
 
 
-async def _journaled_calls(uow: UnitOfWork, claimed: ClaimedRun) -> tuple[JournaledCall, ...]:
-    """The tool calls an earlier attempt journaled after its last stored checkpoint."""
-    if claimed.last_seq <= claimed.checkpoint_seq:
-        return ()
-    events = await uow.runs.tool_calls_after(claimed.run.id, after_seq=claimed.checkpoint_seq)
+_TEXT_TYPES = (EventType.TEXT_DELTA, EventType.RUN_STARTED)
+_JOURNAL_TYPES = (EventType.TOOL_CALL, EventType.TOOL_RESULT)
+
+
+def _journaled_calls(events: list[RunEvent]) -> tuple[JournaledCall, ...]:
+    """The tool calls an earlier attempt journaled after its last stored checkpoint, from its
+    tool.call and tool.result events after it."""
     results = {
         event.data.get("call_id"): event.data
         for event in events
