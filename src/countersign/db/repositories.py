@@ -532,7 +532,7 @@ class MessageRepository:
             .scalar_subquery()
         )
         seq = await self._db.scalar(
-            insert(MessageRow)
+            insert(_MESSAGES)  # the Core table: no ORM bulk-insert bookkeeping
             .values(
                 id=message_id,
                 session_id=session_id,
@@ -542,7 +542,7 @@ class MessageRepository:
                 run_id=run_id,
                 created_at=at,
             )
-            .returning(MessageRow.seq)
+            .returning(_MESSAGES.c.seq)
         )
         assert seq is not None
         return Message(

@@ -5,8 +5,10 @@ for a cursor, executes, fetches and closes the cursor: four hand-offs for one st
 a queue put, a thread wake-up and an event-loop wake-up (measured: 54 hand-offs for one
 turn, two in three of them for cursors). Here a cursor is only a holder: ``execute`` makes a
 sqlite3 cursor, runs the statement, fetches its rows and closes it in one hand-off, and the
-rest answers from what that brought back. The sqlite3 connection, its thread and its errors
-are aiosqlite's own; SQLAlchemy's adapter is unchanged around it.
+rest answers from what that brought back. A transaction's ``BEGIN`` goes with its first
+statement (the transaction, and a writer's lock, still start before that statement runs; a
+transaction that runs nothing sends nothing). The sqlite3 connection, its thread and its
+errors are aiosqlite's own; SQLAlchemy's adapter is unchanged around it.
 """
 
 from __future__ import annotations
@@ -23,12 +25,23 @@ _Outcome = tuple[Any, list[Any], int, int | None]
 """A statement's description, rows, rowcount and lastrowid."""
 
 
+_BEGINS = frozenset({"BEGIN", "BEGIN DEFERRED", "BEGIN IMMEDIATE", "BEGIN EXCLUSIVE"})
+
+
 def _run(
-    connection: sqlite3.Connection, sql: str, parameters: Any, *, many: bool = False
+    connection: sqlite3.Connection,
+    sql: str,
+    parameters: Any,
+    *,
+    many: bool = False,
+    begin: str | None = None,
 ) -> _Outcome:
-    """One statement, start to end, in the connection's thread."""
+    """One statement, start to end (after ``begin``, if a transaction starts with it), in the
+    connection's thread."""
     cursor = connection.cursor()
     try:
+        if begin is not None:
+            cursor.execute(begin)
         if many:
             cursor.executemany(sql, parameters)
         elif parameters is None:
@@ -67,10 +80,20 @@ class Cursor:
         return self
 
     async def execute(self, sql: str, parameters: Any = None) -> Cursor:
-        return await self._call(partial(_run, self._connection._conn, sql, parameters))
+        connection = self._connection
+        if not parameters and sql.strip().upper() in _BEGINS:
+            connection.begin_later(sql)
+            self.description, self._rows, self.rowcount, self.lastrowid = None, [], -1, None
+            return self
+        begin = connection.take_begin()
+        return await self._call(partial(_run, connection._conn, sql, parameters, begin=begin))
 
     async def executemany(self, sql: str, parameters: Sequence[Any]) -> Cursor:
-        return await self._call(partial(_run, self._connection._conn, sql, parameters, many=True))
+        connection = self._connection
+        begin = connection.take_begin()
+        return await self._call(
+            partial(_run, connection._conn, sql, parameters, many=True, begin=begin)
+        )
 
     async def fetchall(self) -> list[Any]:
         rows, self._rows = self._rows, []
@@ -91,8 +114,20 @@ class Cursor:
 class Connection(aiosqlite.Connection):
     """An aiosqlite connection whose cursors cost no hand-off of their own."""
 
+    _begin: str | None = None
+    """A ``BEGIN`` not sent yet: it goes with the next statement."""
+
     def cursor(self) -> Cursor:  # type: ignore[override]
         return Cursor(self)
+
+    def begin_later(self, begin: str) -> None:
+        """Start a transaction with the next statement."""
+        self._begin = begin
+
+    def take_begin(self) -> str | None:
+        """The ``BEGIN`` the next statement must send first, if any."""
+        begin, self._begin = self._begin, None
+        return begin
 
     async def run(self, function: Callable[[], T]) -> T:
         """``function()`` in the connection's thread: one hand-off."""
@@ -101,13 +136,19 @@ class Connection(aiosqlite.Connection):
 
     async def commit(self) -> None:
         # sqlite3 does nothing outside a transaction: nor does this, without a hand-off.
+        self._begin = None
         if self._connection is not None and self._connection.in_transaction:
             await super().commit()
 
     async def rollback(self) -> None:
         # The pool rolls back every connection it gets back, even one that began nothing.
+        self._begin = None
         if self._connection is not None and self._connection.in_transaction:
             await super().rollback()
+
+    async def close(self) -> None:
+        self._begin = None
+        await super().close()
 
 
 def connect(database: str, **kwargs: Any) -> Connection:
