@@ -457,7 +457,9 @@ def counting_sql() -> Iterator[StatementCounts]:
             kind = keyword(function.args[1])
         else:
             kind = str(getattr(inner, "__name__", "?")).upper()
-        counts.handoffs[kind] += 1
+        # A new connection's set-up (opening it, its PRAGMAs, functions) is not a turn's.
+        if kind in {"COMMIT", "ROLLBACK"} or (kind != "PRAGMA" and inner.__name__ == "_run"):
+            counts.handoffs[kind] += 1
         return await queue(self, function, *args, **kwargs)
 
     aiosqlite.Connection._execute = counted

@@ -4,6 +4,8 @@ answers SQLAlchemy got from aiosqlite's own cursors: rows, row counts, errors, t
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,52 @@ async def test_a_writer_waits_for_another_connections_write_lock(engine) -> None
         assert not waiting.done()  # held by the first writer's lock
         await first.commit()
         assert await asyncio.wait_for(waiting, 10) == ["first", "second"]
+
+
+async def test_a_second_begin_inside_a_transaction_is_refused(tmp_path: Path) -> None:
+    """As sqlite3 refuses it: whether the first BEGIN is still waiting for its statement or
+    has run. (A connection shared by two users must fail loudly, not mix their work.)"""
+    connection = await sqlite_driver.connect(str(tmp_path / "t.db"), isolation_level=None)
+    try:
+        cursor = connection.cursor()
+        await cursor.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        await cursor.execute("BEGIN")
+        with pytest.raises(sqlite3.OperationalError, match="within a transaction"):
+            await cursor.execute("BEGIN IMMEDIATE")
+        await cursor.execute("INSERT INTO t (id) VALUES (1)")
+        assert connection.in_transaction
+        with pytest.raises(sqlite3.OperationalError, match="within a transaction"):
+            await cursor.execute("BEGIN")
+        await connection.rollback()
+        await cursor.execute("SELECT count(*) FROM t")
+        assert await cursor.fetchall() == [(0,)]
+    finally:
+        await connection.close()
+
+
+async def test_a_commit_waits_for_a_statement_still_under_way(tmp_path: Path) -> None:
+    """A commit asked for while the transaction's first statement (and its BEGIN) is still
+    queued behind other work in the driver's thread is not skipped as "no transaction":
+    it runs after that statement and commits it."""
+    path = str(tmp_path / "t.db")
+    connection = await sqlite_driver.connect(path, isolation_level=None)
+    try:
+        cursor = connection.cursor()
+        await cursor.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        await cursor.execute("BEGIN IMMEDIATE")  # sent with the next statement
+        busy = asyncio.create_task(connection.run(lambda: time.sleep(0.3)))
+        await asyncio.sleep(0)  # the thread is busy: what follows waits in its queue
+        inserting = asyncio.create_task(cursor.execute("INSERT INTO t (id) VALUES (1)"))
+        await asyncio.sleep(0)  # handed off, not run yet
+        assert not connection.in_transaction
+        await connection.commit()
+        await inserting
+        await busy
+        assert not connection.in_transaction
+    finally:
+        await connection.close()
+    other = sqlite3.connect(path)
+    try:
+        assert other.execute("SELECT id FROM t").fetchall() == [(1,)]
+    finally:
+        other.close()

@@ -557,19 +557,12 @@ class MessageRepository:
 
 
 _RUNS: Table = Base.metadata.tables[RunRow.__tablename__]
-_APPROVALS: Table = Base.metadata.tables[ApprovalRow.__tablename__]
-_RESUME_TYPES = [
-    kind.value
-    for kind in (
-        EventType.RUN_STARTED,
-        EventType.TEXT_DELTA,
-        EventType.TOOL_CALL,
-        EventType.TOOL_RESULT,
-        EventType.APPROVAL_REQUIRED,
-    )
-]
 """Hot statements use the Core table, not the ORM class: no ORM bulk bookkeeping."""
+_APPROVALS: Table = Base.metadata.tables[ApprovalRow.__tablename__]
 _MESSAGES: Table = Base.metadata.tables[MessageRow.__tablename__]
+_REPLY_TYPES = [EventType.RUN_STARTED.value, EventType.TEXT_DELTA.value]
+_QUESTION_TYPES = [EventType.APPROVAL_REQUIRED.value]
+_JOURNAL_TYPES = [EventType.TOOL_CALL.value, EventType.TOOL_RESULT.value]
 _INSERT_MODEL_MESSAGE = insert(Base.metadata.tables[ModelMessageRow.__tablename__])
 _INSERT_EVENT = insert(Base.metadata.tables[EventRow.__tablename__])
 _PG_INSERT_EVENTS = text(
@@ -604,7 +597,9 @@ def _pg_write(
     With ``truncate`` the model messages replace the session's from ``messages_after`` on:
     those past the new ones are deleted and the new ones overwrite what holds their places
     (sub-statements of one statement cannot be ordered, so none of them may touch a row
-    another one touches).
+    another one touches). The DELETE sees the statement's snapshot, taken before ``bumped``
+    may have waited for the run's lock: only the run holding that lock writes the session's
+    newest model messages, so nothing it should see can commit in between.
     """
     changes = [
         "last_seq = runs.last_seq + CAST(:count AS integer)",
@@ -1299,13 +1294,21 @@ class RunRepository:
             size = None if None in (pages, free, page_size) else (pages - free) * page_size
         return rows, None if size is None else int(size)
 
-    async def resume_events(self, run_id: RunId) -> list[RunEvent]:
+    async def resume_events(self, run_id: RunId, *, journal_after: int) -> list[RunEvent]:
         """What a run's next attempt starts from, in one statement: its text.delta and
-        run.started events (its reply so far), tool.call and tool.result (its journal) and
-        approval.required (the order of its questions)."""
+        run.started events (its reply so far), approval.required (the order of its
+        questions), and the tool.call and tool.result events after ``journal_after`` (the
+        journal since its last checkpoint; older results, up to a tool output each, are not
+        read)."""
         rows = await self._db.scalars(
             select(EventRow)
-            .where(EventRow.run_id == run_id, EventRow.type.in_(_RESUME_TYPES))
+            .where(
+                EventRow.run_id == run_id,
+                or_(
+                    EventRow.type.in_(_REPLY_TYPES + _QUESTION_TYPES),
+                    and_(EventRow.type.in_(_JOURNAL_TYPES), EventRow.seq > journal_after),
+                ),
+            )
             .order_by(EventRow.seq)
         )
         return [_event(row) for row in rows]
@@ -1721,7 +1724,14 @@ class ApprovalRepository:
         crash: the later question is the one whose answer counts. ``asked``: the run's
         ``approval.required`` events, when the caller has read them already.
         """
-        rows = list(await self._db.scalars(select(ApprovalRow).where(ApprovalRow.run_id == run_id)))
+        rows = list(
+            await self._db.scalars(
+                select(ApprovalRow)
+                .where(ApprovalRow.run_id == run_id)
+                # As stored now: a decision in this transaction updated the Core table.
+                .execution_options(populate_existing=True)
+            )
+        )
         if asked is None:
             found = await self._db.execute(
                 select(EventRow.seq, EventRow.data).where(

@@ -116,12 +116,17 @@ class Connection(aiosqlite.Connection):
 
     _begin: str | None = None
     """A ``BEGIN`` not sent yet: it goes with the next statement."""
+    _in_flight = 0
+    """Hand-offs sent and not answered yet."""
 
     def cursor(self) -> Cursor:  # type: ignore[override]
         return Cursor(self)
 
     def begin_later(self, begin: str) -> None:
-        """Start a transaction with the next statement."""
+        """Start a transaction with the next statement (refused, as sqlite3 refuses it,
+        inside a transaction: one shared by two users would otherwise mix their work)."""
+        if self._begin is not None or self._in_flight or self.in_transaction:
+            raise sqlite3.OperationalError("cannot start a transaction within a transaction")
         self._begin = begin
 
     def take_begin(self) -> str | None:
@@ -131,19 +136,28 @@ class Connection(aiosqlite.Connection):
 
     async def run(self, function: Callable[[], T]) -> T:
         """``function()`` in the connection's thread: one hand-off."""
-        result: T = await self._execute(function)  # type: ignore[no-untyped-call]
+        self._in_flight += 1
+        try:
+            result: T = await self._execute(function)  # type: ignore[no-untyped-call]
+        finally:
+            self._in_flight -= 1
         return result
+
+    def _idle(self) -> bool:
+        """Nothing to commit or roll back: no transaction, and no statement under way that
+        may be opening one (the state is then read in this thread without a race)."""
+        return not self._in_flight and (self._connection is None or not self.in_transaction)
 
     async def commit(self) -> None:
         # sqlite3 does nothing outside a transaction: nor does this, without a hand-off.
         self._begin = None
-        if self._connection is not None and self._connection.in_transaction:
+        if not self._idle():
             await super().commit()
 
     async def rollback(self) -> None:
         # The pool rolls back every connection it gets back, even one that began nothing.
         self._begin = None
-        if self._connection is not None and self._connection.in_transaction:
+        if not self._idle():
             await super().rollback()
 
     async def close(self) -> None:

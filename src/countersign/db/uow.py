@@ -88,8 +88,9 @@ class UnitOfWork:
         db_session = self._session_factory()
         self._db_session = db_session
         try:
-            # Begin now, so that a SQLite writer takes its lock up front (BEGIN IMMEDIATE)
-            # and waits for it under busy_timeout instead of failing halfway through.
+            # Begin now, so that a SQLite writer takes its lock up front (BEGIN IMMEDIATE,
+            # sent with the first statement: db/sqlite_driver.py) and waits for it under
+            # busy_timeout instead of failing halfway through.
             options: dict[str, object] = {IMMEDIATE: self._is_sqlite and self._write}
             if not self._transaction:
                 # A read of one statement needs no transaction: no BEGIN and no ROLLBACK,

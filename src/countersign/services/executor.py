@@ -1197,17 +1197,19 @@ async def _read_start(
     if claimed.history_seq is None and not claimed.last_seq:
         return _Start(context, history=history)  # a new run: nothing before it
     # Resumed after an approval, or retried: what the earlier attempts left (one read).
-    events = await uow.runs.resume_events(run.id) if claimed.last_seq else []
+    events = (
+        await uow.runs.resume_events(run.id, journal_after=claimed.checkpoint_seq)
+        if claimed.last_seq
+        else None
+    )
     approvals: list[Approval] = []
     if claimed.history_seq is not None:
-        asked = [event for event in events if event.type is EventType.APPROVAL_REQUIRED]
+        asked = None
+        if events is not None:
+            asked = [event for event in events if event.type is EventType.APPROVAL_REQUIRED]
         approvals = await uow.approvals.for_run(run.id, asked=asked)
-    text_events = [event for event in events if event.type in _TEXT_TYPES]
-    journal = [
-        event
-        for event in events
-        if event.type in _JOURNAL_TYPES and event.seq > claimed.checkpoint_seq
-    ]
+    text_events = [event for event in events or () if event.type in _TEXT_TYPES]
+    journal = [event for event in events or () if event.type in _JOURNAL_TYPES]
     return _Start(
         context,
         recovered=_journaled_calls(journal),
