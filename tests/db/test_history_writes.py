@@ -55,13 +55,19 @@ async def history(services: ServiceDeps, session_id: SessionId) -> list[str]:
     return [item["parts"][0]["content"] for item in stored]
 
 
-async def test_a_write_that_replaces_the_history_end_leaves_exactly_the_new_end(
-    services: ServiceDeps, make_account: object
-) -> None:
+@pytest.fixture
+async def held(services: ServiceDeps, make_account: object) -> tuple[SessionId, RunId, Lease]:
+    """A new session and a run of it held by a process (the test plays it)."""
     account = await make_account()  # type: ignore[operator]
     session_id = await new_session(services, account)
     run_id, lease = await running_run(services, session_id)
+    return session_id, run_id, lease
 
+
+async def test_a_write_that_replaces_the_history_end_leaves_exactly_the_new_end(
+    services: ServiceDeps, held: tuple[SessionId, RunId, Lease]
+) -> None:
+    session_id, run_id, lease = held
     await write(services, replacing(run_id, session_id, lease, 0, ["a", "b", "c"]))
     assert await history(services, session_id) == ["a", "b", "c"]
     # Fewer than were there: the rest goes.
@@ -81,11 +87,9 @@ async def test_a_write_that_replaces_the_history_end_leaves_exactly_the_new_end(
 
 @pytest.mark.parametrize("lease_of", ["another owner", "an earlier attempt"])
 async def test_a_replacing_write_whose_lease_is_gone_changes_nothing(
-    services: ServiceDeps, make_account: object, lease_of: str
+    services: ServiceDeps, held: tuple[SessionId, RunId, Lease], lease_of: str
 ) -> None:
-    account = await make_account()  # type: ignore[operator]
-    session_id = await new_session(services, account)
-    run_id, lease = await running_run(services, session_id)
+    session_id, run_id, lease = held
     await write(services, replacing(run_id, session_id, lease, 0, ["a", "b", "c"]))
 
     stale = (
