@@ -503,13 +503,6 @@ class MessageRepository:
         )
         await self._db.flush()
 
-    async def next_seq(self, session_id: SessionId) -> int:
-        """The ``seq`` the session's next message gets."""
-        newest = await self._db.scalar(
-            select(func.max(MessageRow.seq)).where(MessageRow.session_id == session_id)
-        )
-        return int(newest or 0) + 1
-
     async def add_next(
         self,
         *,
@@ -783,6 +776,19 @@ class RunRepository:
                 finished_at=None,
             )
         )
+
+    async def get_owned(self, run_id: RunId, *, session_id: SessionId, owner: UserId) -> Run | None:
+        """The run if it belongs to the session and the session to ``owner`` (one statement)."""
+        row = await self._db.scalar(
+            select(RunRow)
+            .join(SessionRow, SessionRow.id == RunRow.session_id)
+            .where(
+                RunRow.id == run_id,
+                RunRow.session_id == session_id,
+                SessionRow.owner_id == owner,
+            )
+        )
+        return None if row is None else _run(row)
 
     async def get(self, run_id: RunId, *, session_id: SessionId) -> Run | None:
         """The run if it belongs to the session."""

@@ -193,18 +193,19 @@ async def _refuse_if_active(uow: UnitOfWork, session_id: SessionId) -> None:
 
 async def get_run(deps: ServiceDeps, *, actor: UserId, session_id: SessionId, run_id: RunId) -> Run:
     """One run of the actor's session."""
-    async with deps.uow_factory(write=False) as uow:
+    async with deps.uow_factory(write=False, transaction=False) as uow:  # one statement
         return await _owned_run(uow, actor=actor, session_id=session_id, run_id=run_id)
 
 
 async def _owned_run(
     uow: UnitOfWork, *, actor: UserId, session_id: SessionId, run_id: RunId
 ) -> Run:
-    session = await uow.sessions.get_owned(session_id, owner=actor)
-    if session is None:
-        raise NotFound(SESSION_NOT_FOUND)
-    run = await uow.runs.get(run_id, session_id=session.id)
+    """The run, read with its session's owner in one statement; NotFound of the session
+    (missing or someone else's) or else of the run, as two reads would answer."""
+    run = await uow.runs.get_owned(run_id, session_id=session_id, owner=actor)
     if run is None:
+        if await uow.sessions.get_owned(session_id, owner=actor) is None:
+            raise NotFound(SESSION_NOT_FOUND)
         raise NotFound(RUN_NOT_FOUND)
     return run
 
