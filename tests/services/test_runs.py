@@ -983,3 +983,29 @@ async def test_a_start_whose_answer_was_lost_is_carried_out_at_once_or_not_at_al
         )
         # The session goes on as usual.
         await send(harness.client, harness.account, session_id, "again")
+
+
+async def test_runs_started_while_the_claim_loop_polls_are_handed_over_in_process(
+    database: TestDatabase, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The claim loop, polling all the time, holds only a batch of the free slots while it
+    claims: a request starting a run meanwhile still claims it in its own statement and hands
+    it over in memory. (It used to hold every free slot: a run started in that window was
+    stored queued and waited for the claim loop's next pass.)"""
+    caplog.set_level(logging.DEBUG, logger="countersign.services.executor")
+    async with running_app(database, tmp_path, executor_poll_seconds=0.005) as harness:
+        client, account = harness.client, harness.account
+        run_ids = []
+        for _ in range(20):  # one after another, the claim loop polling all the while
+            session_id = await new_session(client, account)
+            started = await send(client, account, session_id, "hello")
+            run_ids.append(started["run"]["id"])
+            await wait_for_status(client, account, session_id, started["run"]["id"], "succeeded")
+    how = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "countersign.services.executor"
+        and any(run_id in record.getMessage() for run_id in run_ids)
+    ]
+    handed = [f"run {run_id} attempt 1 handed over in-process" for run_id in run_ids]
+    assert sorted(how) == sorted(handed)

@@ -231,8 +231,7 @@ class FakeServer:
     def start(self) -> Self:
         """Start serving on a free port of 127.0.0.1 (port 0: the OS picks, no race)."""
         Handler = type("Handler", (self.handler,), {"state": self._state})
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
+        server = _Server(("127.0.0.1", 0), Handler)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -264,6 +263,16 @@ class FakeServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class _Server(ThreadingHTTPServer):
+    """The standard threading server with a listen backlog for a burst of runs (a process
+    taking over a stopped one's runs asks the model for all of them at once): past the
+    standard backlog of 5, with SYN cookies on, Linux resets the connections it cannot queue,
+    and the runs fail with "the connection to the model provider broke off"."""
+
+    request_queue_size = 128
+    daemon_threads = True
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -406,17 +406,20 @@ class Executor:
                     next_expiry = time.monotonic() + self.options.poll_seconds
                     await expire_approvals(self.deps)
                 while not self.stopping and (free := self._free_slots()) > 0:
-                    # Held while the claim runs, so that requests do not reserve them too.
-                    self._reserved += free
+                    # Held while the claim runs, so that requests do not reserve them too;
+                    # a batch at most, so that a request starting a run meanwhile still
+                    # finds a slot to claim it in its own statement (unless nearly full).
+                    take = min(free, CLAIM_BATCH)
+                    self._reserved += take
                     try:
-                        claimed = await self._claim(free)
+                        claimed = await self._claim(take)
                     finally:
-                        self._reserved -= free
+                        self._reserved -= take
                     for run, start in claimed:
                         self._spawn(run, start, how=CLAIMED)
                     if claimed:
                         self.deps.broker.data_changed()  # queued (or taken over) → running
-                    if len(claimed) < free:
+                    if len(claimed) < take:
                         break  # nothing more is waiting
                 loop.working()
             except CountersignError as error:
@@ -514,6 +517,8 @@ class Executor:
             self.deps.broker.work_available()
 
 
+CLAIM_BATCH = 16
+"""Runs the claim loop claims in one transaction at most (and the slots it holds meanwhile)."""
 HANDED_OVER = "handed over in-process"
 ADOPTED = "read back after its start's answer was lost"
 ADOPT_POLL_SECONDS = 0.2
