@@ -453,12 +453,16 @@ def counting_sql() -> Iterator[StatementCounts]:
 
     async def counted(self: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
         inner = getattr(function, "func", function)
-        if getattr(inner, "__name__", "") == "_run" and len(function.args) > 1:
+        name = getattr(inner, "__name__", "")
+        if name == "_run" and len(function.args) > 1:
             kind = keyword(function.args[1])
+        elif name == "_script":
+            # Several statements (and their BEGIN IMMEDIATE and COMMIT) in one hand-off.
+            kind = "SCRIPT"
         else:
-            kind = str(getattr(inner, "__name__", "?")).upper()
+            kind = str(name or "?").upper()
         # A new connection's set-up (opening it, its PRAGMAs, functions) is not a turn's.
-        if kind in {"COMMIT", "ROLLBACK"} or (kind != "PRAGMA" and inner.__name__ == "_run"):
+        if kind in {"COMMIT", "ROLLBACK", "SCRIPT"} or (kind != "PRAGMA" and name == "_run"):
             counts.handoffs[kind] += 1
         return await queue(self, function, *args, **kwargs)
 

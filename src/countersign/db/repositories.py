@@ -11,7 +11,8 @@ import functools
 import json
 import uuid
 from datetime import datetime
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 from sqlalchemy import (
     CursorResult,
@@ -31,6 +32,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from countersign.db import sqlite_writes
+from countersign.db.sqlite_script import Step, run_script
 from countersign.db.tables import (
     AccessTokenRow,
     AgentRow,
@@ -1007,13 +1010,15 @@ class RunRepository:
     ) -> list[list[RunEvent] | LeaseLost]:
         """The executor's batches of several runs at once, each as in ``append`` under its
         lease (plus its model messages), with one INSERT of all their events; on PostgreSQL,
-        batches that ``fits_one_statement_group`` in one statement.
+        batches that ``fits_one_statement_group`` in one statement; on SQLite, one script.
 
         A run whose lease is gone gets LeaseLost in its place and writes nothing; the others
         are not affected. The runs are written (so locked) in id order, as the lease keeper
         locks them, so that the two never deadlock.
         """
-        if fits_one_statement_group(batches) and self._db.get_bind().dialect.name == "postgresql":
+        if self._db.get_bind().dialect.name != "postgresql":
+            return await self._write_sqlite(batches, at=at)
+        if fits_one_statement_group(batches):
             return await self._write_many_one_statement(batches, at=at)
         results: list[list[RunEvent] | LeaseLost] = [LeaseLost("not written")] * len(batches)
         every: list[RunEvent] = []
@@ -1099,8 +1104,14 @@ class RunRepository:
         On PostgreSQL a batch that ``fits_one_statement`` is written by one statement (in
         autocommit: one round trip, its own transaction); anything else takes several, in the
         unit of work's transaction. The run is written first (so locked first), then the rest.
+        On SQLite any batch is one script (``sqlite_writes.batch_steps``).
         """
-        if fits_one_statement(batch) and self._db.get_bind().dialect.name == "postgresql":
+        if self._db.get_bind().dialect.name != "postgresql":
+            written = (await self._write_sqlite([batch], at=at, reply=reply))[0]
+            if isinstance(written, LeaseLost):
+                raise written
+            return written
+        if fits_one_statement(batch):
             return await self._write_one_statement(batch, at=at, reply=reply)
         stored = await self._bump_batch(batch, at=at)
         if stored is None:
@@ -1126,6 +1137,38 @@ class RunRepository:
         if batch.messages:
             await self._db.execute(_INSERT_MODEL_MESSAGE, _batch_message_rows(batch, at=at))
         return stored
+
+    async def _write_sqlite(
+        self, batches: list[RunBatch], *, at: datetime, reply: AssistantReply | None = None
+    ) -> list[list[RunEvent] | LeaseLost]:
+        """Batches (and one batch's ``reply``) on SQLite in one script: in one hand-off, and
+        in a ``one_statement`` unit of work a transaction by itself. The runs are written in
+        id order (a run's own batches in theirs)."""
+        order = sorted(range(len(batches)), key=lambda position: batches[position].run_id)
+        steps: list[Step] = []
+        ends: dict[int, tuple[int, int | None]] = {}
+        for index in order:
+            batch_steps, reply_at = sqlite_writes.batch_steps(
+                batches[index], at=at, reply=reply if len(batches) == 1 else None
+            )
+            first = len(steps)
+            steps.extend(batch_steps)
+            ends[index] = (len(steps) - 1, None if reply_at is None else first + reply_at)
+        results = await run_script(self._db, steps)
+        written: list[list[RunEvent] | LeaseLost] = []
+        for index, batch in enumerate(batches):
+            bump_at, reply_at = ends[index]
+            if not results[bump_at]:
+                written.append(_lease_lost(batch))
+                continue
+            last_seq, run_attempt = results[bump_at][0]
+            events = [(event.type, storable(event.data)) for event in batch.events]
+            stored = _numbered(batch.run_id, events, last_seq, run_attempt, at)
+            if reply_at is not None:
+                message_seq = results[reply_at][0][0]
+                stored = [_with_message_seq(event, message_seq) for event in stored]
+            written.append(stored)
+        return written
 
     async def _write_one_statement(
         self,
@@ -1335,29 +1378,6 @@ class RunRepository:
         )
         return {RunId(row.id): row.last_seq for row in rows}
 
-    async def start_context(
-        self, session_id: SessionId, *, owner: UserId, prompt: str
-    ) -> tuple[Session, TurnContext] | None:
-        """The owner's session and what a new turn of it needs (agent, workspace, history
-        length), in one statement; None if the session is missing or someone else's."""
-        found = (
-            await self._db.execute(
-                select(SessionRow, AgentRow, *_history_position(session_id))
-                .join(AgentRow, AgentRow.id == SessionRow.agent_id)
-                .where(SessionRow.id == session_id, SessionRow.owner_id == owner)
-            )
-        ).one_or_none()
-        if found is None:
-            return None
-        session, agent, length, tail = found
-        return _session(session), TurnContext(
-            agent=_agent(agent),
-            workspace=session.workspace,
-            prompt=prompt,
-            history_length=int(length or 0),
-            history_tail=None if tail is None else RunId(tail),
-        )
-
     async def start(
         self,
         run: Run,
@@ -1368,15 +1388,16 @@ class RunRepository:
         lease_owner: str | None,
         lease_until: datetime | None,
     ) -> tuple[Session, TurnContext, Message] | None:
-        """Start a run: the owner's session and what its turn needs (as ``start_context``),
-        the new run (claimed already with ``lease_owner``) and the user's message (as
-        ``MessageRepository.add_next``). None, and nothing
-        written, if the session is missing or someone else's; Conflict (RunActive upstream)
-        if it has a run going.
+        """Start a run: the owner's session and what its turn needs (agent, workspace,
+        history length), the new run (claimed already with ``lease_owner``) and the user's
+        message (as ``MessageRepository.add_next``). None, and nothing written, if the
+        session is missing or someone else's; Conflict (RunActive upstream) if it has a run
+        going.
 
         On PostgreSQL this is one statement (the inserts are data-modifying CTEs that write
-        only if the session is the owner's; in autocommit, one round trip); SQLite, which has
-        no such CTEs, takes three.
+        only if the session is the owner's; in autocommit, one round trip); on SQLite, which
+        has no such CTEs, one script (``sqlite_writes.start_steps``: one hand-off, and in a
+        ``one_statement`` unit of work a transaction by itself).
         """
         session_id = run.session_id
         content = storable(prompt)
@@ -1406,20 +1427,48 @@ class RunRepository:
             "created_at": run.created_at,
         }
         if self._db.get_bind().dialect.name != "postgresql":
-            found = await self.start_context(session_id, owner=owner, prompt=prompt)
+            # One script: the session read first, then the run and the message.
+            read = (
+                await run_script(
+                    self._db, sqlite_writes.start_steps(run_row, message_row, owner=owner)
+                )
+            )[0]
+            if not read:
+                return None
+            values = read[0]
+            sessions, agents = sqlite_writes.SESSION_COLUMNS, sqlite_writes.AGENT_COLUMNS
+            session_row = cast(SessionRow, _row_of(SessionRow, values[:sessions]))
+            agent_row = cast(AgentRow, _row_of(AgentRow, values[sessions : sessions + agents]))
+            length, tail, seq = values[sessions + agents :]
+        else:
+            found = await self._start_postgres(run_row, message_row, owner=owner)
             if found is None:
                 return None
-            await self._db.execute(insert(_RUNS).values(**run_row))
-            message = await MessageRepository(self._db).add_next(
-                message_id=message_id,
-                session_id=session_id,
-                role=MessageRole.USER,
-                content=content,
-                run_id=run.id,
-                at=run.created_at,
-            )
-            session, context = found
-            return session, context, message
+            session_row, agent_row, length, tail, seq = found
+        context = TurnContext(
+            agent=_agent(agent_row),
+            workspace=session_row.workspace,
+            prompt=prompt,
+            history_length=int(length or 0),
+            history_tail=None if tail is None else RunId(tail),
+        )
+        message = Message(
+            id=message_id,
+            session_id=session_id,
+            seq=int(seq),
+            role=MessageRole.USER,
+            content=content,
+            run_id=run.id,
+            created_at=run.created_at,
+        )
+        return _session(session_row), context, message
+
+    async def _start_postgres(
+        self, run_row: dict[str, Any], message_row: dict[str, Any], *, owner: UserId
+    ) -> tuple[SessionRow, AgentRow, Any, Any, Any] | None:
+        """The start as one statement: the session read, the run and message inserted by
+        data-modifying CTEs that write only if the session is the owner's."""
+        session_id = run_row["session_id"]
         owned = and_(SessionRow.id == session_id, SessionRow.owner_id == owner)
         is_owned = select(SessionRow.id).where(owned).exists()
         runs = _RUNS
@@ -1470,23 +1519,7 @@ class RunRepository:
         if found is None:
             return None
         session_row, agent, length, tail, seq = found[:5]
-        context = TurnContext(
-            agent=_agent(agent),
-            workspace=session_row.workspace,
-            prompt=prompt,
-            history_length=int(length or 0),
-            history_tail=None if tail is None else RunId(tail),
-        )
-        message = Message(
-            id=message_id,
-            session_id=session_id,
-            seq=int(seq),
-            role=MessageRole.USER,
-            content=content,
-            run_id=run.id,
-            created_at=run.created_at,
-        )
-        return _session(session_row), context, message
+        return session_row, agent, length, tail, seq
 
     async def turn_context(self, run_id: RunId, *, session_id: SessionId) -> TurnContext:
         """The agent, workspace, prompt and history length a run's turn needs, in one
@@ -1888,6 +1921,12 @@ def _api_key(row: ApiKeyRow) -> ApiKey:
         created_at=row.created_at,
         last_used_at=row.last_used_at,
     )
+
+
+def _row_of(mapped: type[Base], values: tuple[Any, ...]) -> SimpleNamespace:
+    """A row read by a script, with the attributes of the ORM class whose columns it has."""
+    names = [column.name for column in mapped.__table__.columns]
+    return SimpleNamespace(**dict(zip(names, values, strict=True)))
 
 
 def _agent(row: AgentRow) -> Agent:

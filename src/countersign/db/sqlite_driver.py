@@ -55,6 +55,43 @@ def _run(
         cursor.close()
 
 
+Statement = tuple[str, Any, bool]
+"""A statement of a script: its SQL, its parameters, and whether they are many rows."""
+
+
+def _script(
+    connection: sqlite3.Connection,
+    statements: Sequence[Statement],
+    *,
+    begin: str | None,
+    commit: bool,
+) -> list[list[Any]]:
+    """Statements one after the other (after ``begin``), and ``COMMIT`` if ``commit``, in the
+    connection's thread: the rows each returned. On an error a transaction this began is
+    rolled back before the error goes on."""
+    cursor = connection.cursor()
+    try:
+        if begin is not None:
+            cursor.execute(begin)
+        try:
+            rows: list[list[Any]] = []
+            for sql, parameters, many in statements:
+                if many:
+                    cursor.executemany(sql, parameters)
+                else:
+                    cursor.execute(sql, parameters)
+                rows.append(cursor.fetchall() if cursor.description else [])
+            if commit:
+                cursor.execute("COMMIT")
+            return rows
+        except BaseException:
+            if commit and connection.in_transaction:
+                connection.rollback()
+            raise
+    finally:
+        cursor.close()
+
+
 class Cursor:
     """The cursor interface SQLAlchemy's aiosqlite adapter uses, without a cursor of its own
     in the driver's thread between statements."""
@@ -142,6 +179,25 @@ class Connection(aiosqlite.Connection):
         finally:
             self._in_flight -= 1
         return result
+
+    async def run_script(
+        self, statements: Sequence[Statement], *, own_transaction: bool
+    ) -> list[list[Any]]:
+        """Several statements in one hand-off: the rows each returned.
+
+        ``own_transaction``: they are a transaction by themselves (``BEGIN IMMEDIATE`` before
+        them, ``COMMIT`` after, a rollback on an error); otherwise they belong to the
+        transaction under way (its ``BEGIN``, if not sent yet, goes first).
+        """
+        if own_transaction:
+            if self._begin is not None or self._in_flight or self.in_transaction:
+                raise sqlite3.OperationalError("cannot start a transaction within a transaction")
+            begin: str | None = "BEGIN IMMEDIATE"
+        else:
+            begin = self.take_begin()
+        return await self.run(
+            partial(_script, self._conn, statements, begin=begin, commit=own_transaction)
+        )
 
     def _idle(self) -> bool:
         """Nothing to commit or roll back: no transaction, and no statement under way that

@@ -69,8 +69,10 @@ class UnitOfWork:
         self._is_sqlite = is_sqlite
         self._write = write
         # One statement is a transaction by itself on PostgreSQL (autocommit: no BEGIN and
-        # no COMMIT, two round trips fewer); SQLite's writer still takes its lock up front.
-        self._transaction = (transaction or write) and not (one_statement and not is_sqlite)
+        # no COMMIT, two round trips fewer); on SQLite one script (db/sqlite_script.py) is,
+        # its BEGIN IMMEDIATE and COMMIT sent with it. This process's SQLite writers still
+        # queue for the writer lock first.
+        self._transaction = (transaction or write) and not one_statement
         self._writer_lock = writer_lock if is_sqlite and write else None
         self._db_session: AsyncSession | None = None
 
@@ -209,7 +211,7 @@ def unit_of_work_factory(
 ) -> UnitOfWorkFactory:
     """A callable that opens a UnitOfWork; ``write=False`` for read-only work;
     ``one_statement=True`` for work of a single statement (on PostgreSQL it then runs in
-    autocommit: the caller must send exactly one statement)."""
+    autocommit: the caller must send exactly one statement; on SQLite, one script)."""
     writer_lock = WriterLock(wait_seconds=writer_wait_seconds) if is_sqlite else None
 
     def open_unit_of_work(
