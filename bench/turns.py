@@ -1971,7 +1971,25 @@ def print_statements(results: Results, show: int) -> None:
                 f"    {one.per_request(one.by_text[statement]):>7.2f}"
                 f"{many.per_request(many.by_text[statement]):>8.2f}  {statement[:120]}"
             )
+        approval = found.flows.get("approval")
+        if approval is not None and approval.requests:
+            print(
+                f"  {name}, an approval round trip (ask, decide, resume): {approval_line(approval)}"
+            )
+            for statement, n in approval.by_text.most_common(show):
+                print(f"    {approval.per_request(n):>7.2f}  {statement[:120]}")
     print()
+
+
+def approval_line(counts: StatementCounts) -> str:
+    """SQL and transactions per approval round trip (and, on SQLite, its hand-offs)."""
+    line = (
+        f"{per(counts, counts.statements)}; {counts.per_request(counts.commits):.2f} commit, "
+        f"{counts.per_request(counts.rollbacks):.2f} rollback"
+    )
+    if counts.received_from:
+        line += f"; the database executed: {per(counts, counts.received)}"
+    return line
 
 
 def print_lengths(results: Results, sizes: Sizes) -> None:
