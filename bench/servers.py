@@ -445,13 +445,16 @@ def counting_sql() -> Iterator[StatementCounts]:
     ]
     for target, name, fn in hooks:
         event.listen(target, name, fn)
-    # SQLite: every hand-off to a connection's thread goes through aiosqlite's one queueing
-    # method; the SQL statements among them are the driver's ``_run`` calls.
+    # SQLite: every hand-off to a connection's thread goes through the driver's ``run``
+    # (statements and scripts) or aiosqlite's own queueing method (commit, rollback, opening).
     import aiosqlite
 
-    queue = aiosqlite.Connection._execute
+    from countersign.db import sqlite_driver
 
-    async def counted(self: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
+    queue = aiosqlite.Connection._execute
+    run = sqlite_driver.Connection.run
+
+    def count(function: Any) -> None:
         inner = getattr(function, "func", function)
         name = getattr(inner, "__name__", "")
         if name == "_run" and len(function.args) > 1:
@@ -464,13 +467,22 @@ def counting_sql() -> Iterator[StatementCounts]:
         # A new connection's set-up (opening it, its PRAGMAs, functions) is not a turn's.
         if kind in {"COMMIT", "ROLLBACK", "SCRIPT"} or (kind != "PRAGMA" and name == "_run"):
             counts.handoffs[kind] += 1
+
+    async def counted_queue(self: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
+        count(function)
         return await queue(self, function, *args, **kwargs)
 
-    aiosqlite.Connection._execute = counted
+    async def counted_run(self: Any, function: Any) -> Any:
+        count(function)
+        return await run(self, function)
+
+    aiosqlite.Connection._execute = counted_queue
+    sqlite_driver.Connection.run = counted_run  # type: ignore[method-assign]
     try:
         yield counts
     finally:
         aiosqlite.Connection._execute = queue
+        sqlite_driver.Connection.run = run  # type: ignore[method-assign]
         for target, name, fn in hooks:
             event.remove(target, name, fn)
 

@@ -25,19 +25,30 @@ from tests.db.test_lock_order import new_session, running_run
 @pytest.fixture
 def hand_offs() -> Iterator[list[str]]:
     """The name of every call handed to an SQLite connection's thread while the test runs
-    (counted where aiosqlite queues them)."""
+    (seen where the driver hands statements and scripts over, and where aiosqlite queues
+    the rest)."""
     seen: list[str] = []
     queue = aiosqlite.Connection._execute
+    run = sqlite_driver.Connection.run
 
-    async def counted(self: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(getattr(getattr(function, "func", function), "__name__", "?"))
+    def name(function: Any) -> str:
+        return str(getattr(getattr(function, "func", function), "__name__", "?"))
+
+    async def queued(self: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(name(function))
         return await queue(self, function, *args, **kwargs)
 
-    aiosqlite.Connection._execute = counted  # type: ignore[method-assign]
+    async def ran(self: Any, function: Any) -> Any:
+        seen.append(name(function))
+        return await run(self, function)
+
+    aiosqlite.Connection._execute = queued  # type: ignore[method-assign]
+    sqlite_driver.Connection.run = ran  # type: ignore[method-assign]
     try:
         yield seen
     finally:
         aiosqlite.Connection._execute = queue  # type: ignore[method-assign]
+        sqlite_driver.Connection.run = run  # type: ignore[method-assign]
 
 
 # --- The driver -------------------------------------------------------------------------

@@ -149,3 +149,38 @@ async def test_a_commit_waits_for_a_statement_still_under_way(tmp_path: Path) ->
         assert other.execute("SELECT id FROM t").fetchall() == [(1,)]
     finally:
         other.close()
+
+
+async def test_a_statement_whose_caller_was_cancelled_is_still_rolled_back(
+    tmp_path: Path,
+) -> None:
+    """A statement handed over and then given up by its caller (cancelled while its
+    ``BEGIN IMMEDIATE`` waited for another connection's write lock) still runs once the lock
+    is free, and it opens the transaction: the rollback asked for in between must not be
+    skipped as "no transaction", or the connection would go back to the pool in the middle
+    of one, holding SQLite's write lock."""
+    path = str(tmp_path / "t.db")
+    connection = await sqlite_driver.connect(path, isolation_level=None, timeout=10)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        cursor = connection.cursor()
+        await cursor.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        await cursor.execute("BEGIN IMMEDIATE")  # sent with the next statement
+        inserting = asyncio.create_task(cursor.execute("INSERT INTO t (id) VALUES (1)"))
+        await asyncio.sleep(0.2)  # its BEGIN IMMEDIATE waits for the lock
+        inserting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await inserting
+        rolling_back = asyncio.create_task(connection.rollback())  # as the unit of work does
+        await asyncio.sleep(0.1)
+        other.rollback()  # the lock is free: the given-up statement runs now
+        await asyncio.wait_for(rolling_back, 10)
+        await connection.run(lambda: None)  # everything handed over before this has run
+        assert not connection.in_transaction
+        other.execute("BEGIN IMMEDIATE")  # the write lock is free
+        assert other.execute("SELECT id FROM t").fetchall() == []
+        other.rollback()
+    finally:
+        other.close()
+        await connection.close()

@@ -13,6 +13,7 @@ errors are aiosqlite's own; SQLAlchemy's adapter is unchanged around it.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -172,13 +173,24 @@ class Connection(aiosqlite.Connection):
         return begin
 
     async def run(self, function: Callable[[], T]) -> T:
-        """``function()`` in the connection's thread: one hand-off."""
+        """``function()`` in the connection's thread: one hand-off.
+
+        Once queued it runs, even if the caller is cancelled meanwhile: it stays in flight
+        until the thread has run it, so that a commit or rollback asked for in between is
+        not skipped as "nothing to do" but queued behind it (a cancelled statement may be
+        the one that opens the transaction)."""
+        if not self._running or not self._connection:
+            raise ValueError("Connection closed")
+        answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._in_flight += 1
-        try:
-            result: T = await self._execute(function)  # type: ignore[no-untyped-call]
-        finally:
-            self._in_flight -= 1
-        return result
+        answer.add_done_callback(self._answered)
+        self._tx.put_nowait((answer, function))
+        return await asyncio.shield(answer)
+
+    def _answered(self, answer: asyncio.Future[Any]) -> None:
+        self._in_flight -= 1
+        if not answer.cancelled():
+            answer.exception()  # retrieved here too: its caller may be gone
 
     async def run_script(
         self, statements: Sequence[Statement], *, own_transaction: bool

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ClauseElement
 
@@ -30,6 +30,8 @@ from countersign.db.engine import NO_TRANSACTION, STALE_SQLITE_CODES
 from countersign.db.sqlite_driver import Connection, Statement
 
 _Processor = Callable[[Any], Any] | None
+_REQUIRED = object()
+"""A parameter with neither a value given nor a default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +45,15 @@ class Prepared:
     columns: tuple[_Processor, ...]
 
     def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
-        """The positional parameters for ``values`` (by bind name)."""
+        """The positional parameters for ``values`` (by bind name), processed by their types
+        as SQLAlchemy processes them (``None`` included); a parameter without a value of its
+        own or a default is refused, as SQLAlchemy refuses it."""
         out = []
         for name, process, default in self.binds:
             value = values.get(name, default)
-            out.append(value if process is None or value is None else process(value))
+            if value is _REQUIRED:
+                raise ArgumentError(f"a value is required for the parameter {name!r}")
+            out.append(value if process is None else process(value))
         return tuple(out)
 
     def rows(self, raw: Iterable[Any]) -> list[tuple[Any, ...]]:
@@ -76,7 +82,7 @@ def prepare(statement: Any, dialect: Dialect) -> Prepared:
     for name in compiled.positiontup:
         bind = compiled.binds[name]
         process = bind.type.dialect_impl(dialect).bind_processor(dialect)
-        binds.append((name, process, bind.effective_value))
+        binds.append((name, process, _REQUIRED if bind.required else bind.effective_value))
     # A SELECT's columns, or what an INSERT / UPDATE / DELETE returns (nothing without
     # RETURNING).
     columns = tuple(

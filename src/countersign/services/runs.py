@@ -162,6 +162,13 @@ async def _start_run(
         handed = pending_hand_off
         outcome_unknown = unanswered is not None
         raise
+    except Conflict:
+        raise  # refused by the database: nothing was written
+    except Exception:
+        # Anything else after the start was sent (on SQLite its script commits before its
+        # rows are read back): stored or not, it is found out as above.
+        outcome_unknown = unanswered is not None
+        raise
     finally:
         # Whatever happens after the commit (even this request being cancelled), a run
         # committed as ours is handed over; a reserved slot is never lost.
