@@ -309,3 +309,26 @@ async def test_a_start_is_one_hand_off_and_writes_nothing_to_someone_elses_sessi
     with pytest.raises(Conflict):
         await start(owner)
     assert (await stored(services, run.id, session_id))[2] == [message]
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_one_statement_unit_of_work_refuses_a_second_script(
+    services: ServiceDeps, make_account: Any
+) -> None:
+    """On SQLite the script is such a unit of work's whole transaction: a second one would
+    be a second transaction, so it is refused before it is sent."""
+    account: Account = await make_account()
+    session_id = await new_session(services, account)
+    run_id, lease = await running_run(services, session_id)
+    first = turn_end(run_id, session_id, lease, history_after=0)
+
+    async def write_twice() -> None:
+        async with services.uow_factory(one_statement=True) as uow:
+            await uow.runs.write(first, at=services.clock.now())
+            await uow.runs.write(first, at=services.clock.now())
+
+    with pytest.raises(RuntimeError, match="one script"):
+        await write_twice()
+    run, events, _messages, _history = await stored(services, run_id, session_id)
+    assert run is not None
+    assert len(events) == len(first.events)  # the first script, and only it

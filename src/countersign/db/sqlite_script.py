@@ -94,6 +94,10 @@ def prepare(statement: Any, dialect: Dialect) -> Prepared:
     return found
 
 
+_SCRIPT_SENT = "countersign_script_sent"
+"""``AsyncSession.info`` key: a unit of work's script, its own transaction, was sent."""
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
     """One statement of a script with its parameters (one row of them, or many)."""
@@ -110,6 +114,11 @@ async def run_script(db_session: AsyncSession, steps: list[Step]) -> list[list[t
         connection.sync_connection.get_execution_options() if connection.sync_connection else {}
     )
     own_transaction = bool(options.get(NO_TRANSACTION, False))
+    if own_transaction:
+        # The script is the unit of work's whole transaction: a second would be another.
+        if db_session.info.get(_SCRIPT_SENT):
+            raise RuntimeError("a one-statement unit of work sends one script, not two")
+        db_session.info[_SCRIPT_SENT] = True
     prepared: list[Prepared] = []
     statements: list[Statement] = []
     for step in steps:
