@@ -1145,11 +1145,12 @@ class RunRepository:
         in a ``one_statement`` unit of work a transaction by itself. The runs are written in
         id order (a run's own batches in theirs)."""
         order = sorted(range(len(batches)), key=lambda position: batches[position].run_id)
+        data = [[storable(event.data) for event in batch.events] for batch in batches]
         steps: list[Step] = []
         ends: dict[int, tuple[int, int | None]] = {}
         for index in order:
             batch_steps, reply_at = sqlite_writes.batch_steps(
-                batches[index], at=at, reply=reply if len(batches) == 1 else None
+                batches[index], data[index], at=at, reply=reply if len(batches) == 1 else None
             )
             first = len(steps)
             steps.extend(batch_steps)
@@ -1162,7 +1163,8 @@ class RunRepository:
                 written.append(_lease_lost(batch))
                 continue
             last_seq, run_attempt = results[bump_at][0]
-            events = [(event.type, storable(event.data)) for event in batch.events]
+            kinds = [event.type for event in batch.events]
+            events = list(zip(kinds, data[index], strict=True))
             stored = _numbered(batch.run_id, events, last_seq, run_attempt, at)
             if reply_at is not None:
                 message_seq = results[reply_at][0][0]

@@ -234,11 +234,11 @@ def bump(values: frozenset[str], *, checkpoint: bool) -> Any:
 
 
 def batch_steps(
-    batch: RunBatch, *, at: datetime, reply: AssistantReply | None
+    batch: RunBatch, data: list[Any], *, at: datetime, reply: AssistantReply | None
 ) -> tuple[list[Step], int | None]:
-    """A batch's steps, the run's UPDATE last (so ``steps[-1]`` returns its new ``last_seq``
-    and attempt, or nothing if the lease is gone); and the index of the reply's step, whose
-    row is the message's ``seq``."""
+    """A batch's steps (``data``: its events' data, made storable), the run's UPDATE last (so
+    ``steps[-1]`` returns its new ``last_seq`` and attempt, or nothing if the lease is gone);
+    and the index of the reply's step, whose row is the message's ``seq``."""
     held = {"run_id": batch.run_id, "owner": batch.lease.owner, "attempt": batch.lease.attempt}
     steps: list[Step] = []
     reply_index: int | None = None
@@ -258,8 +258,8 @@ def batch_steps(
             )
         )
     rows: list[dict[str, Any]] = []
-    for ordinal, event in enumerate(batch.events, start=1):
-        row = {**held, "ord": ordinal, "type": event.type.value, "data": storable(event.data)}
+    for ordinal, (event, stored) in enumerate(zip(batch.events, data, strict=True), start=1):
+        row = {**held, "ord": ordinal, "type": event.type.value, "data": stored}
         row["at"] = at
         if reply is not None and event.type is EventType.MESSAGE_COMPLETED:
             steps.append(Step(COMPLETED_EVENT, {**row, "message_id": reply.message_id}))
